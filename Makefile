@@ -1,0 +1,56 @@
+# metalab: `make demo` runs the embedded default (MAML on sinusoids, tracked in ./mlflow.db);
+# `make test` runs the test suite. Both set up `.venv` first; a second `make setup` is a no-op.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CACHE  := .cache/learn2learn
+STAMP  := $(VENV)/.metalab-installed
+HOST   ?= 127.0.0.1
+PORT   ?= 5000
+PYTEST_ARGS ?=
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup demo test test-all lint ui lock clean
+
+setup: $(STAMP)
+
+# Re-run only when what defines the environment changes.
+$(STAMP): pyproject.toml requirements/lock.txt scripts/build_learn2learn.py
+	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "metalab needs Python 3.11, found %d.%d: run `make PYTHON=python3.11 setup`" % v)'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python scripts/build_learn2learn.py $(CACHE))"
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --editable .
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/metalab-train
+
+test: setup
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check platform tests scripts
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
+
+# Re-resolve the pinned set from pyproject.toml in a scratch venv (needs the package registry).
+lock:
+	rm -rf .cache/lock-venv
+	$(PYTHON) -m venv .cache/lock-venv
+	.cache/lock-venv/bin/python -m pip install --quiet Cython setuptools wheel hatchling
+	.cache/lock-venv/bin/python -m pip install --quiet "$$(.cache/lock-venv/bin/python scripts/build_learn2learn.py $(CACHE))"
+	.cache/lock-venv/bin/python -m pip install --quiet -e ".[dev]"
+	{ sed -n '1,2p' requirements/lock.txt; .cache/lock-venv/bin/python -m pip freeze --all \
+	  | grep -ivE '^(learn2learn|metalab|pip)[= ]|^-e '; } > requirements/lock.txt.new
+	mv requirements/lock.txt.new requirements/lock.txt
+	rm -rf .cache/lock-venv
+
+clean:
+	rm -rf $(VENV) .cache outputs multirun .pytest_cache

@@ -1,0 +1,40 @@
+"""Quiet import of learn2learn's dependencies, without hiding real warnings."""
+
+import logging
+import warnings
+from importlib import metadata
+
+
+def silence_gym_banner() -> None:
+    """Drop gym's "Gym has been unmaintained" banner, and nothing else.
+
+    ``import learn2learn`` imports gym 0.26, whose ``__init__`` prints the notice that
+    ``gym_notices.notices`` holds for its version straight to stderr (not as a warning, so warning
+    filters cannot catch it). Removing exactly that entry keeps every other message intact. metalab
+    uses no gym environment, so the notice does not apply to our users.
+    """
+    try:
+        from gym_notices import notices
+        gym_version = metadata.version("gym")
+    except (ImportError, metadata.PackageNotFoundError):
+        return
+    notices.notices.pop(gym_version, None)
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger") on every Trainer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's product tips and one known-harmless deprecation it triggers in torch 2.14.
+
+    Lightning 2.6.6 still builds ``torch.utils._pytree.LeafSpec``, which torch 2.14 marks deprecated;
+    the warning is about Lightning's internals, not the user's code. Every other message stays.
+    """
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropLightningTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)

@@ -1,0 +1,126 @@
+"""Config schemas, registered in Hydra's ConfigStore so a bad key or type fails before training starts.
+
+Top-level nodes (``trainer``, ``hardware``, ``optimizer``) have hand-written dataclasses. Every option of
+the object groups (``algorithm/``, ``task/``, ``model/``, ``tracking/``) gets a schema generated from the
+constructor of its ``_target_``: each setting is then defined once, as a typed constructor argument,
+and its YAML starts with ``defaults: [<option>_schema, _self_]``. A new option needs no edit here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, make_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+
+PRIMITIVES = (int, float, str, bool)
+OBJECT_GROUPS = ("algorithm", "task", "model", "tracking")
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: ``$METALAB_CONFIG_DIR`` if set, else the checkout's ``conf/``.
+
+    metalab is installed editable from its checkout (``make setup``); a copy installed elsewhere points
+    ``METALAB_CONFIG_DIR`` at a config tree.
+    """
+    if "METALAB_CONFIG_DIR" in os.environ:
+        return Path(os.environ["METALAB_CONFIG_DIR"]).resolve()
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``pytorch_lightning.Trainer`` that a run sets (steps are outer-loop updates)."""
+
+    max_steps: int = 2000
+    val_check_interval: int = 500
+    log_every_n_steps: int = 50
+    num_sanity_val_steps: int = 0
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    enable_checkpointing: bool = True
+    deterministic: bool = True
+    gradient_clip_val: float | None = None
+
+
+@dataclass
+class HardwareConfig:
+    """Where the run executes: the ``Trainer``'s accelerator, devices and precision."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1  # a count, a list of indices or "auto", as Lightning takes it
+    precision: str = "32-true"
+
+
+@dataclass
+class OptimizerConfig:
+    """The outer-loop (meta) optimiser, built as a partial; the MetaLearner passes the meta-parameters."""
+
+    _target_: str = "torch.optim.Adam"
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class MetalabConfig:
+    algorithm: Any = MISSING
+    task: Any = MISSING
+    model: Any = MISSING
+    tracking: Any = MISSING
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+
+
+def _config_type(annotation: Any) -> Any:
+    """The OmegaConf type for a constructor annotation, or ``None`` if it is no config value."""
+    if annotation in PRIMITIVES or annotation is Any:
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+        inner = _config_type(next(arg for arg in args if arg is not type(None)))
+        return None if inner is None else inner | None
+    if origin in (list, tuple, Sequence) and args and args[0] in PRIMITIVES:
+        return list[args[0]]
+    return None  # a runtime object (e.g. the model handed to an algorithm by train.py)
+
+
+def schema_for(target: str) -> type:
+    """A dataclass mirroring the typed constructor arguments of ``target`` (an import path)."""
+    cls = get_object(target)
+    hints = typing.get_type_hints(cls.__init__)
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=target))]
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        kind = _config_type(hints.get(name, Any))
+        if name == "self" or kind is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        default = parameter.default
+        if default is inspect.Parameter.empty:
+            fields.append((name, kind, field(default=MISSING)))
+        elif isinstance(default, list | tuple):
+            fields.append((name, kind, field(default_factory=lambda value=list(default): list(value))))
+        else:
+            fields.append((name, kind, field(default=default)))
+    return make_dataclass(f"{cls.__name__}Config", fields)
+
+
+def register_configs(root: Path | None = None) -> None:
+    """Store the top-level schema and one generated schema per option of the object groups."""
+    root = root or config_dir()
+    store = ConfigStore.instance()
+    store.store(name="metalab_schema", node=MetalabConfig)
+    for group in OBJECT_GROUPS:
+        for option in sorted((root / group).glob("*.yaml")):
+            target = (yaml.safe_load(option.read_text()) or {}).get("_target_")
+            if target:
+                store.store(group=group, name=f"{option.stem}_schema", node=schema_for(target))

@@ -1,0 +1,20 @@
+"""The one exception type for bad input, and the one-line rendering of any error for the CLI."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Bad configuration or input. The message names the config key and says how to fix it."""
+
+
+def one_line(error: BaseException) -> str:
+    """Render an error as one line: our own messages as they are, others prefixed by their type.
+
+    Hydra wraps constructor errors in ``InstantiationException``; the cause is the useful part.
+    """
+    while error.__cause__ is not None and type(error).__name__ == "InstantiationException":
+        error = error.__cause__
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ConfigError):
+        return text
+    return f"{type(error).__name__}: {text}"

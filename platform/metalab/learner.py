@@ -1,0 +1,99 @@
+"""The bi-level step as one LightningModule: inner loop by the algorithm, outer loop by Lightning."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from metalab.algorithms.base import MetaAlgorithm
+from metalab.stats import mean_and_ci95
+from metalab.tasks.base import Problem
+from metalab.tasks.episodes import Episodes
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+
+
+class MetaLearner(pl.LightningModule):
+    """Meta-trains ``algorithm`` with the outer optimiser built by ``optimizer``.
+
+    ``training_step``: for each task of the meta-batch, ``algorithm.adapt`` adapts the model on the
+    support set; the adapted model's query loss, averaged over tasks, is returned and Lightning takes
+    the outer step. Validation and test adapt on held-out tasks (gradients enabled) and log, per stage,
+    the mean and 95% CI over tasks of the query loss before (``pre_``) and after (``post_``) adaptation,
+    and accuracy for classification: ``meta_val/post_loss``, ``meta_val/post_loss_ci95``, ...
+    """
+
+    def __init__(self, algorithm: MetaAlgorithm, optimizer: OptimizerFactory, problem: Problem) -> None:
+        super().__init__()
+        self.algorithm = algorithm
+        self.optimizer_factory = optimizer
+        self.classification = problem == "classification"
+        self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
+        self._per_task: dict[str, list[Tensor]] = defaultdict(list)
+
+    def configure_optimizers(self) -> Optimizer:
+        return self.optimizer_factory(self.algorithm.parameters())
+
+    def _adapted_query(self, tasks: Episodes, index: int, training: bool) -> tuple[Tensor, Tensor]:
+        """Adapt on task ``index``'s support set; return its query loss (scalar) and predictions."""
+        adapted = self.algorithm.adapt(tasks.support_x[index], tasks.support_y[index], self.loss_fn, training)
+        prediction = adapted(tasks.query_x[index])
+        return self.loss_fn(prediction, tasks.query_y[index]), prediction
+
+    def training_step(self, tasks: Episodes, batch_idx: int) -> Tensor:
+        losses, accuracies = [], []
+        for index in range(len(tasks)):
+            loss, prediction = self._adapted_query(tasks, index, training=True)
+            losses.append(loss)
+            if self.classification:
+                accuracies.append(self._accuracy(prediction, tasks.query_y[index]))
+        meta_loss = torch.stack(losses).mean()
+        self.log("meta_train/loss", meta_loss, batch_size=len(tasks))
+        if accuracies:
+            self.log("meta_train/post_acc", torch.stack(accuracies).mean(), batch_size=len(tasks))
+        return meta_loss
+
+    def validation_step(self, tasks: Episodes, batch_idx: int) -> None:
+        self._evaluate(tasks)
+
+    def test_step(self, tasks: Episodes, batch_idx: int) -> None:
+        self._evaluate(tasks)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_summary("meta_val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_summary("meta_test")
+
+    def _evaluate(self, tasks: Episodes) -> None:
+        """Record per-task pre- and post-adaptation query loss (and accuracy) for the epoch summary."""
+        with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
+            for index in range(len(tasks)):
+                query_x, query_y = tasks.query_x[index], tasks.query_y[index]
+                with torch.no_grad():
+                    before = self.algorithm.model(query_x)
+                self._record("pre", self.loss_fn(before, query_y), before, query_y)
+                post_loss, after = self._adapted_query(tasks, index, training=False)
+                self._record("post", post_loss.detach(), after.detach(), query_y)
+
+    def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor) -> None:
+        self._per_task[f"{when}_loss"].append(loss)
+        if self.classification:
+            self._per_task[f"{when}_acc"].append(self._accuracy(prediction, target))
+
+    def _log_summary(self, stage: str) -> None:
+        for name, values in self._per_task.items():
+            mean, ci95 = mean_and_ci95(torch.stack(values))
+            self.log(f"{stage}/{name}", mean)
+            self.log(f"{stage}/{name}_ci95", ci95)
+        self._per_task.clear()
+
+    @staticmethod
+    def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
+        return (logits.argmax(dim=-1) == target).float().mean()

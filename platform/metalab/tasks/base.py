@@ -1,0 +1,74 @@
+"""What every task family is: a seeded sampler of episodes, served by Lightning's data hooks."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from metalab.errors import ConfigError
+from metalab.tasks.episodes import Episodes
+
+Problem = Literal["regression", "classification"]
+
+
+class TaskFamily(pl.LightningDataModule):
+    """A distribution over tasks, as a LightningDataModule.
+
+    Meta-training draws fresh meta-batches forever from a generator seeded by ``seed``. Validation and
+    test use fixed task sets drawn from ``eval_seed``, the same for every run whatever its training seed,
+    so runs (and seeds) are compared on identical tasks. Subclasses implement :meth:`sample`.
+    """
+
+    name: str
+    problem: Problem
+
+    def __init__(self, meta_batch_size: int, val_tasks: int, test_tasks: int, eval_batch_size: int,
+                 seed: int, eval_seed: int) -> None:
+        super().__init__()
+        for key, value in {"meta_batch_size": meta_batch_size, "val_tasks": val_tasks,
+                           "test_tasks": test_tasks, "eval_batch_size": eval_batch_size}.items():
+            if value < 1:
+                raise ConfigError(f"task.{key} must be >= 1, got {value}")
+        self.meta_batch_size = meta_batch_size
+        self.val_tasks = val_tasks
+        self.test_tasks = test_tasks
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.eval_seed = eval_seed
+
+    @abstractmethod
+    def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
+        """Draw ``num_tasks`` tasks of ``split`` ("train", "val" or "test") using ``generator`` only."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_EndlessMetaBatches(self, self.seed), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._fixed_loader("val", self.val_tasks, offset=1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._fixed_loader("test", self.test_tasks, offset=2)
+
+    def _fixed_loader(self, split: str, num_tasks: int, offset: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.eval_seed * 1000 + offset)
+        tasks = self.sample(num_tasks, generator, split)
+        batches = [tasks[start:start + self.eval_batch_size] for start in range(0, num_tasks, self.eval_batch_size)]
+        return DataLoader(batches, batch_size=None)
+
+
+class _EndlessMetaBatches(IterableDataset):
+    """Fresh meta-batches of training tasks; restarting iteration restarts the seeded stream."""
+
+    def __init__(self, family: TaskFamily, seed: int) -> None:
+        self.family = family
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Episodes]:
+        generator = torch.Generator().manual_seed(self.seed)
+        while True:
+            yield self.family.sample(self.family.meta_batch_size, generator, "train")

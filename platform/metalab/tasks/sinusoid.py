@@ -1,0 +1,51 @@
+"""Sinusoid regression, the toy family of MAML (Finn, Abbeel & Levine, ICML 2017, §5.1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metalab.errors import ConfigError
+from metalab.tasks.base import TaskFamily
+from metalab.tasks.episodes import Episodes
+
+
+class SinusoidRegression(TaskFamily):
+    """Tasks y = A·sin(x − φ) with A ~ U[amplitude_min, amplitude_max], φ ~ U[phase_min, phase_max].
+
+    Inputs x ~ U[x_min, x_max]; ``shots`` support and ``queries`` query points per task. The defaults are
+    the paper's: A ∈ [0.1, 5], φ ∈ [0, π], x ∈ [−5, 5], K = 10. Tensors are (T, K, 1).
+    """
+
+    name = "sinusoid"
+    problem = "regression"
+
+    def __init__(self, shots: int = 10, queries: int = 10,
+                 amplitude_min: float = 0.1, amplitude_max: float = 5.0,
+                 phase_min: float = 0.0, phase_max: float = math.pi,
+                 x_min: float = -5.0, x_max: float = 5.0,
+                 meta_batch_size: int = 25, val_tasks: int = 100, test_tasks: int = 600,
+                 eval_batch_size: int = 100, seed: int = 0, eval_seed: int = 1) -> None:
+        super().__init__(meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed, eval_seed)
+        if shots < 1 or queries < 1:
+            raise ConfigError(f"task.shots and task.queries must be >= 1, got shots={shots}, queries={queries}")
+        for low, high, key in ((amplitude_min, amplitude_max, "amplitude"), (phase_min, phase_max, "phase"),
+                               (x_min, x_max, "x")):
+            if low > high:
+                raise ConfigError(f"task.{key}_min must be <= task.{key}_max, got {low} > {high}")
+        self.shots, self.queries = shots, queries
+        self.amplitude = (amplitude_min, amplitude_max)
+        self.phase = (phase_min, phase_max)
+        self.x_range = (x_min, x_max)
+
+    def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
+        def uniform(shape: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
+            low, high = bounds
+            return low + (high - low) * torch.rand(shape, generator=generator)
+
+        amplitude = uniform((num_tasks, 1, 1), self.amplitude)
+        phase = uniform((num_tasks, 1, 1), self.phase)
+        x = uniform((num_tasks, self.shots + self.queries, 1), self.x_range)  # (T, K+Q, 1)
+        y = amplitude * torch.sin(x - phase)
+        return Episodes(x[:, :self.shots], y[:, :self.shots], x[:, self.shots:], y[:, self.shots:])

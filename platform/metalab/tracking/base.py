@@ -1,0 +1,33 @@
+"""What train.py needs of a tracking back-end: open a run, hand Lightning a logger, close the run."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger
+
+
+@dataclass
+class RunInfo:
+    """How a job is named and where its local files are; filled by train.py from Hydra's runtime."""
+
+    experiment_name: str
+    run_name: str
+    output_dir: Path
+    choices: dict[str, str]  # config group -> chosen option, e.g. {"algorithm": "maml"}
+    overrides: list[str]
+
+
+class Tracking(ABC):
+    run_id: str | None = None
+
+    @abstractmethod
+    def start(self, cfg: DictConfig, info: RunInfo) -> Logger | None:
+        """Open the run for this job and record its configuration; return Lightning's logger for it."""
+
+    @abstractmethod
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        """Close the run as FINISHED, FAILED or KILLED; ``error`` says why it did not finish."""

@@ -1,0 +1,86 @@
+"""``tracking=mlflow``: one MLflow run per job, holding config, source version, metrics and status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger
+
+import metalab
+from metalab.errors import one_line
+from metalab.tracking.base import RunInfo, Tracking
+from metalab.tracking.git import git_state
+
+MAX_TAG_LENGTH = 5000
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, str]:
+    """``{"algorithm": {"inner_lr": 0.01}}`` → ``{"algorithm.inner_lr": "0.01"}`` (lists stay whole)."""
+    if not isinstance(config, dict):
+        return {prefix: str(config)}
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        flat.update(flatten(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}"))
+    return flat
+
+
+class MLflowTracking(Tracking):
+    """Records a job as an MLflow run.
+
+    The run is created here, with the client, rather than by Lightning's ``MLFlowLogger``: the logger
+    truncates params to 250 characters and fills no git tags. The logger is then attached to the run
+    (``run_id=``) and streams the metrics.
+
+    Arguments:
+        tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
+        experiment_name: ``None`` = the task family's name, so runs compare across algorithms by design.
+        run_name: ``None`` = ``<algorithm>-<task>-<time>``.
+    """
+
+    def __init__(self, tracking_uri: str = "sqlite:///mlflow.db", experiment_name: str | None = None,
+                 run_name: str | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.client = MlflowClient(tracking_uri)
+        self.run_id: str | None = None
+
+    def start(self, cfg: DictConfig, info: RunInfo) -> MLFlowLogger:
+        name = self.experiment_name or info.experiment_name
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        tags = {"mlflow.source.name": "metalab-train", "mlflow.source.type": "LOCAL",
+                "metalab.version": metalab.__version__, "metalab.output_dir": str(info.output_dir)}
+        tags |= {f"metalab.{group}": choice for group, choice in info.choices.items()}
+        git = git_state(Path(metalab.__file__).parent)
+        if git:
+            tags |= {"mlflow.source.git.commit": git["commit"], "metalab.git.dirty": git["dirty"]}
+        run = self.client.create_run(experiment_id, run_name=self.run_name or info.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        self._log_config(cfg, info)
+        return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
+
+    def _log_config(self, cfg: DictConfig, info: RunInfo) -> None:
+        """Every resolved value as a param; the YAML, the overrides and Hydra's own files as artifacts."""
+        params = [Param(key, value[:MAX_PARAM_VAL_LENGTH])
+                  for key, value in flatten(OmegaConf.to_container(cfg, resolve=True)).items()]
+        for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=params[start:start + MAX_PARAMS_TAGS_PER_BATCH])
+        self.client.log_text(self.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config/config.yaml")
+        self.client.log_text(self.run_id, "".join(f"- {line}\n" for line in info.overrides) or "[]\n",
+                             "config/overrides.yaml")
+        hydra_dir = info.output_dir / ".hydra"
+        if hydra_dir.is_dir():
+            self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        if self.run_id is None:
+            return
+        if error is not None:
+            self.client.set_tag(self.run_id, "metalab.error", one_line(error)[:MAX_TAG_LENGTH])
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,107 @@
+"""``metalab-train``: compose → instantiate → fit → test, with the tracking run closed either way.
+
+Usage: ``metalab-train algorithm.inner_lr=0.05 task.shots=5 trainer.max_steps=2000`` (see README).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metalab._quiet import quiet_lightning
+from metalab.config import config_dir, register_configs
+from metalab.errors import ConfigError, one_line
+from metalab.learner import MetaLearner
+from metalab.overrides import check_overrides
+from metalab.tasks.base import TaskFamily
+from metalab.tracking.base import RunInfo, Tracking
+
+register_configs()
+quiet_lightning()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Meta-train and meta-test one configuration; return the final ``meta_test/*`` metrics."""
+    require_accelerator(cfg.hardware.accelerator)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    task: TaskFamily = instantiate(cfg.task)
+    algorithm = instantiate(cfg.algorithm, model=instantiate(cfg.model))
+    learner = MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem)
+    tracking: Tracking = instantiate(cfg.tracking)
+    info = run_info(task)
+    logger = tracking.start(cfg, info)
+    try:
+        trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=logger or False,
+                             default_root_dir=info.output_dir,
+                             inference_mode=False,  # validation/test adapt with gradients
+                             check_val_every_n_epoch=None)  # training tasks are an endless stream
+        trainer.fit(learner, datamodule=task)
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training was interrupted")
+        metrics = trainer.test(learner, datamodule=task, verbose=False)[0]
+    except BaseException as error:
+        tracking.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error)
+        raise
+    tracking.finish("FINISHED")
+    report(metrics, task, tracking)
+    return metrics
+
+
+def require_accelerator(accelerator: str) -> None:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("hardware=gpu needs a CUDA device and none is visible: use hardware=cpu")
+
+
+def run_info(task: TaskFamily) -> RunInfo:
+    """Names and places for this job, from Hydra's runtime."""
+    runtime = HydraConfig.get().runtime
+    choices = {group: str(choice) for group, choice in runtime.choices.items()
+               if choice is not None and not group.startswith("hydra")}
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return RunInfo(experiment_name=task.name, run_name=f"{choices.get('algorithm', 'run')}-{task.name}-{stamp}",
+                   output_dir=Path(runtime.output_dir), choices=choices,
+                   overrides=list(HydraConfig.get().overrides.task))
+
+
+def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> None:
+    """The lines a user reads at the end of a run."""
+    name, label = ("post_acc", "accuracy") if task.problem == "classification" else ("post_loss", "MSE")
+    mean, ci95 = metrics[f"meta_test/{name}"], metrics[f"meta_test/{name}_ci95"]
+    print(f"\nmeta-test post-adaptation {label}: {mean:.4f} ± {ci95:.4f} (95% CI over {task.test_tasks} tasks)")
+    if tracking.run_id:
+        print(f"MLflow run id: {tracking.run_id}")
+        print("Open the MLflow UI: make ui  (then http://127.0.0.1:5000)")
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        metrics = train(cfg)
+    except Exception as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"metalab: error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return metrics.get("meta_test/post_loss", float("nan"))
+
+
+def cli() -> None:
+    """Console entry point: reject bad overrides with one line before Hydra starts the job."""
+    problem = check_overrides(sys.argv[1:])
+    if problem:
+        print(f"metalab: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    main()
+
+
+if __name__ == "__main__":
+    cli()
