@@ -29,6 +29,7 @@ demo: setup
 	$(BIN)/metalab-train
 
 test: setup
+	$(BIN)/ruff check platform tests scripts
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup

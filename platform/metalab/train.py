@@ -16,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from metalab._quiet import quiet_lightning
 from metalab.config import config_dir, register_configs
@@ -40,7 +41,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     info = run_info(task)
     logger = tracking.start(cfg, info)
     try:
+        checkpoints = [ModelCheckpoint(dirpath=info.output_dir / "checkpoints", save_last=True)]
         trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=logger or False,
+                             callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
                              default_root_dir=info.output_dir,
                              inference_mode=False,  # validation/test adapt with gradients
                              check_val_every_n_epoch=None)  # training tasks are an endless stream
@@ -74,9 +77,11 @@ def run_info(task: TaskFamily) -> RunInfo:
 
 def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> None:
     """The lines a user reads at the end of a run."""
-    name, label = ("post_acc", "accuracy") if task.problem == "classification" else ("post_loss", "MSE")
-    mean, ci95 = metrics[f"meta_test/{name}"], metrics[f"meta_test/{name}_ci95"]
-    print(f"\nmeta-test post-adaptation {label}: {mean:.4f} ± {ci95:.4f} (95% CI over {task.test_tasks} tasks)")
+    metric, label = ("acc", "accuracy") if task.problem == "classification" else ("loss", "MSE")
+    print(f"\nmeta-test over {task.test_tasks} tasks (mean ± 95% CI):")
+    for when in ("pre", "post"):
+        mean, ci95 = metrics[f"meta_test/{when}_{metric}"], metrics[f"meta_test/{when}_{metric}_ci95"]
+        print(f"  {when}-adaptation {label}: {mean:.4f} ± {ci95:.4f}")
     if tracking.run_id:
         print(f"MLflow run id: {tracking.run_id}")
         print("Open the MLflow UI: make ui  (then http://127.0.0.1:5000)")

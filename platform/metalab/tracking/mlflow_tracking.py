@@ -55,7 +55,8 @@ class MLflowTracking(Tracking):
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         tags = {"mlflow.source.name": "metalab-train", "mlflow.source.type": "LOCAL",
-                "metalab.version": metalab.__version__, "metalab.output_dir": str(info.output_dir)}
+                "metalab.version": metalab.__version__, "metalab.output_dir": str(info.output_dir),
+                "metalab.checkpoint_dir": str(info.output_dir / "checkpoints")}
         tags |= {f"metalab.{group}": choice for group, choice in info.choices.items()}
         git = git_state(Path(metalab.__file__).parent)
         if git:

@@ -1,0 +1,53 @@
+"""Shared helpers: compose the real config tree as `metalab-train` would, with a private MLflow store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from metalab.config import config_dir, register_configs
+
+BIN = Path(sys.executable).parent
+register_configs()
+
+
+def compose_job(output_dir: Path, overrides: list[str]) -> DictConfig:
+    """The job config `metalab-train <overrides>` would run, with Hydra's runtime set as in a real job."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.name = "test"
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``job(*overrides)``: a composed config tracking to ``tmp_path/mlflow.db``."""
+
+    def make(*overrides: str) -> DictConfig:
+        store = [] if "tracking=none" in overrides else [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+        return compose_job(tmp_path / "run", [*store, *overrides])
+
+    return make
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            module: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `metalab-train ARGS` (or `python -m metalab.train ARGS`) as a user would."""
+    command = [sys.executable, "-m", "metalab.train"] if module else [str(BIN / "metalab-train")]
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")} | (env or {})
+    return subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True,
+                          timeout=600)

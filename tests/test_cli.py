@@ -1,0 +1,80 @@
+"""`metalab-train` as a user runs it: the embedded default store, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+
+
+def test_smoke_run_logs_to_the_default_store_in_the_working_directory(tmp_path: Path) -> None:
+    result = run_cli(["experiment=smoke"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "post-adaptation MSE:" in result.stdout and "make ui" in result.stdout
+    run_id = result.stdout.split("MLflow run id: ")[1].split()[0]
+    assert "Gym has been unmaintained" not in result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")  # MLflow's embedded default, in the cwd
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "sinusoid"
+    assert run.data.params["trainer.max_steps"] == "20"  # the preset's value
+    hydra_files = {a.path for a in client.list_artifacts(run_id, "config/hydra")}
+    assert hydra_files == {"config/hydra/config.yaml", "config/hydra/hydra.yaml", "config/hydra/overrides.yaml"}
+    assert Path(run.data.tags["metalab.checkpoint_dir"], "last.ckpt").is_file()
+
+
+def test_python_module_entry_point_and_env_tracking_uri(tmp_path: Path) -> None:
+    store = tmp_path / "elsewhere.db"
+    result = run_cli(["experiment=smoke", "algorithm=fomaml"], cwd=tmp_path, module=True,
+                     env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(f"sqlite:///{store}")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.data.params["algorithm.first_order"] == "True"
+    assert run.info.run_name.startswith("fomaml-sinusoid-")
+
+
+BAD_INPUTS = [
+    (["algorithm.inner_lrr=0.1"], "unknown config key 'algorithm.inner_lrr': did you mean 'inner_lr'?"),
+    (["trainer.max_step=3"], "'trainer.max_step'"),
+    (["algorithm.inner_lr=abc"], "bad value for 'algorithm.inner_lr'"),
+    (["task.shots=1.5"], "bad value for 'task.shots'"),
+    (["seed=x"], "bad value for 'seed'"),
+    (["algorithm=reptilian"], "unknown algorithm 'reptilian': choose one of fomaml, maml"),
+    (["task=nope"], "unknown task 'nope'"),
+    (["experiment=nope"], "unknown experiment 'nope': choose one of smoke"),
+    (["algorithm=maml,fomaml"], "--multirun"),
+    (["algorithm.inner_lr"], "key=value"),
+    (["algorithm.inner_lr=-1"], "algorithm.inner_lr must be > 0"),
+    (["algorithm.inner_steps=0"], "algorithm.inner_steps must be >= 1"),
+    (["task.shots=0"], "task.shots"),
+    (["task.meta_batch_size=0"], "task.meta_batch_size must be >= 1"),
+    (["model.hidden_sizes=[40,0]"], "model sizes must be >= 1"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_exits_with_one_clear_line_and_no_run(tmp_path: Path, overrides: list[str], message: str) -> None:
+    result = run_cli(["experiment=smoke", *overrides], cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("metalab: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stdout
+    if (tmp_path / "mlflow.db").exists():  # nothing half-written: no run left RUNNING (or at all)
+        with sqlite3.connect(tmp_path / "mlflow.db") as db:
+            assert db.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli(["experiment=smoke", "algorithm.inner_lr=-1"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
