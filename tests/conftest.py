@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -36,9 +37,11 @@ def compose_job(output_dir: Path, overrides: list[str]) -> DictConfig:
 def job(tmp_path: Path) -> Callable[..., DictConfig]:
     """``job(*overrides)``: a composed config tracking to ``tmp_path/mlflow.db``."""
 
+    runs = itertools.count()
+
     def make(*overrides: str) -> DictConfig:
         store = [] if "tracking=none" in overrides else [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
-        return compose_job(tmp_path / "run", [*store, *overrides])
+        return compose_job(tmp_path / f"run{next(runs)}", [*store, *overrides])
 
     return make
 

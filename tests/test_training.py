@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,22 @@ def test_exception_in_training_marks_run_failed_with_the_error(job, tmp_path, mo
     assert run.info.status == "FAILED"
     assert run.data.tags["metalab.error"] == "RuntimeError: exploded at step 3"
     assert len(client.get_metric_history(run.info.run_id, "meta_train/loss")) == 3  # steps 0-2 kept
+
+
+def test_interrupt_marks_run_killed(job, tmp_path, monkeypatch) -> None:
+    def interrupt(self, tasks, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetaLearner, "training_step", interrupt)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown
+            train(job(*SHORT, "trainer.max_steps=10"))
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after the first
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "KILLED"
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(job) -> None:

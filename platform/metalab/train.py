@@ -48,11 +48,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                              inference_mode=False,  # validation/test adapt with gradients
                              check_val_every_n_epoch=None)  # training tasks are an endless stream
         trainer.fit(learner, datamodule=task)
-        if trainer.interrupted:
-            raise KeyboardInterrupt("training was interrupted")
         metrics = trainer.test(learner, datamodule=task, verbose=False)[0]
     except BaseException as error:
-        tracking.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", error)
+        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
+        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+        tracking.finish("KILLED" if interrupted else "FAILED", error)
         raise
     tracking.finish("FINISHED")
     report(metrics, task, tracking)
