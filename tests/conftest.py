@@ -54,3 +54,9 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
                    if key not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")} | (env or {})
     return subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True,
                           timeout=600)
+
+
+@pytest.fixture(scope="session")
+def kanji_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One render cache for the session's kanji runs."""
+    return str(tmp_path_factory.mktemp("kanji-cache"))

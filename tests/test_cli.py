@@ -56,6 +56,12 @@ BAD_INPUTS = [
     (["task.shots=0"], "task.shots"),
     (["task.meta_batch_size=0"], "task.meta_batch_size must be >= 1"),
     (["model.hidden_sizes=[40,0]"], "model sizes must be >= 1"),
+    (["task=omniglot", "task.root=/nonexistent/omniglot"],
+     "Omniglot's images_background and images_evaluation not found under task.root=/nonexistent/omniglot"),
+    (["task=mini_imagenet", "task.root=/nonexistent"], "mini-ImageNet's train split not found under task.root="),
+    (["task=folder"], "task.root must be set"),
+    (["task=omniglot", "task.split=vinyls"], "task.split must be lake or vinyals"),
+    (["task=kanji", "model=cnn4", "task.ways=0"], "task.ways must be >= 1"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))

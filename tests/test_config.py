@@ -16,9 +16,15 @@ OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) if grou
            for option in sorted(group.glob("*.yaml"))]
 
 
+IMAGE_MODELS = ("cnn4", "resnet12")
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_composes(job, group: str, option: str) -> None:
-    cfg = job(f"{group}={option}")
+def test_every_option_composes_and_builds(job, group: str, option: str) -> None:
+    """Every option composes with the defaults (image models with an image task) and its object builds."""
+    cfg = job(f"{group}={option}", *(["task=kanji"] if option in IMAGE_MODELS else []))
+    if group == "task" and "root" in cfg.task.keys():  # `in` is False for a missing (???) value
+        cfg.task.root = "/data/root"
     if group in ("task", "model"):
         instantiate(cfg[group])
 

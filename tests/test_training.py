@@ -116,3 +116,13 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(job) -> Non
     other = train(job(*overrides, "seed=8"))
     assert first == second
     assert first["meta_test/post_loss"] != other["meta_test/post_loss"]
+
+
+def test_fomaml_learns_kanji_5way_1shot_well_above_chance(job, kanji_cache) -> None:
+    """A short real run on the offline image family: CNN4 (32 channels) from scratch, 150 meta-iterations."""
+    metrics = train(job("task=kanji", "model=cnn4", "algorithm=fomaml", *SHORT, f"task.cache_dir={kanji_cache}",
+                        "task.num_classes=300", "task.queries=5", "task.meta_batch_size=8", "task.test_tasks=100",
+                        "model.hidden_size=32", "algorithm.inner_lr=0.4", "algorithm.inner_steps=3",
+                        "trainer.max_steps=150", "trainer.val_check_interval=150"))
+    assert metrics["meta_test/pre_acc"] == pytest.approx(0.2, abs=0.05)  # chance before adaptation
+    assert metrics["meta_test/post_acc"] > 0.5, metrics  # chance is 0.2

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
+from omegaconf import MISSING as OMEGACONF_MISSING
 
 PRIMITIVES = (int, float, str, bool)
 OBJECT_GROUPS = ("algorithm", "task", "model", "tracking")
@@ -87,6 +88,8 @@ def _config_type(annotation: Any) -> Any:
     if annotation in PRIMITIVES or annotation is Any:
         return annotation
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal and all(isinstance(arg, str) for arg in args):
+        return str  # the constructor checks the value and names the choices
     if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
         inner = _config_type(next(arg for arg in args if arg is not type(None)))
         return None if inner is None else inner | None
@@ -105,8 +108,8 @@ def schema_for(target: str) -> type:
         if name == "self" or kind is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         default = parameter.default
-        if default is inspect.Parameter.empty:
-            fields.append((name, kind, field(default=MISSING)))
+        if default is inspect.Parameter.empty:  # a required argument: OmegaConf's "???" (must be set)
+            fields.append((name, kind, field(default=OMEGACONF_MISSING)))
         elif isinstance(default, list | tuple):
             fields.append((name, kind, field(default_factory=lambda value=list(default): list(value))))
         else:

@@ -17,4 +17,7 @@ def one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, ConfigError):
         return text
+    if type(error).__name__ == "MissingMandatoryValue":  # a `???` left in the config
+        key = getattr(error, "full_key", "") or "a required key"
+        return f"{key} must be set: add {key}=<value> to the command line"
     return f"{type(error).__name__}: {text}"

@@ -73,6 +73,11 @@ class MetaLearner(pl.LightningModule):
 
     def _evaluate(self, tasks: Episodes) -> None:
         """Record per-task pre- and post-adaptation query loss (and accuracy) for the epoch summary."""
+        # Transductive batch norm, as MAML and learn2learn evaluate: each task normalises with its own
+        # batch statistics (running statistics, averaged over tasks, fit no single task). Dropout stays off.
+        for module in self.algorithm.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.train()
         with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
             for index in range(len(tasks)):
                 query_x, query_y = tasks.query_x[index], tasks.query_y[index]

@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     require_accelerator(cfg.hardware.accelerator)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task: TaskFamily = instantiate(cfg.task)
+    task.prepare()
     algorithm = instantiate(cfg.algorithm, model=instantiate(cfg.model))
     learner = MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem)
     tracking: Tracking = instantiate(cfg.tracking)

@@ -1,5 +1,6 @@
 """Networks only: what a task's learner is. Algorithms wrap them; task families feed them."""
 
+from metalab.models.conv import CNN4, ResNet12
 from metalab.models.mlp import MLP
 
-__all__ = ["MLP"]
+__all__ = ["CNN4", "MLP", "ResNet12"]

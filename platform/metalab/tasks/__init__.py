@@ -2,6 +2,22 @@
 
 from metalab.tasks.base import TaskFamily
 from metalab.tasks.episodes import Episodes
-from metalab.tasks.sinusoid import SinusoidRegression
+from metalab.tasks.folder import ImageFolder
+from metalab.tasks.images import ImageClassFamily, LabelledImages
+from metalab.tasks.kanji import KanjiHandwriting
+from metalab.tasks.mini_imagenet import MiniImageNet
+from metalab.tasks.omniglot import Omniglot
+from metalab.tasks.sinusoid import SinusoidLineRegression, SinusoidRegression
 
-__all__ = ["Episodes", "SinusoidRegression", "TaskFamily"]
+__all__ = [
+    "Episodes",
+    "ImageClassFamily",
+    "ImageFolder",
+    "KanjiHandwriting",
+    "LabelledImages",
+    "MiniImageNet",
+    "Omniglot",
+    "SinusoidLineRegression",
+    "SinusoidRegression",
+    "TaskFamily",
+]

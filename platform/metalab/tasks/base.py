@@ -41,6 +41,9 @@ class TaskFamily(pl.LightningDataModule):
         self.seed = seed
         self.eval_seed = eval_seed
 
+    def prepare(self) -> None:
+        """Load and check the data, so a problem with it stops the run before anything is recorded."""
+
     @abstractmethod
     def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
         """Draw ``num_tasks`` tasks of ``split`` ("train", "val" or "test") using ``generator`` only."""

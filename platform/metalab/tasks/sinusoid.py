@@ -49,3 +49,33 @@ class SinusoidRegression(TaskFamily):
         x = uniform((num_tasks, self.shots + self.queries, 1), self.x_range)  # (T, K+Q, 1)
         y = amplitude * torch.sin(x - phase)
         return Episodes(x[:, :self.shots], y[:, :self.shots], x[:, self.shots:], y[:, self.shots:])
+
+
+class SinusoidLineRegression(SinusoidRegression):
+    """A multimodal family: each task is, with probability ½, a sinusoid as above or a line
+    y = a·x + b with a, b ~ U[slope_min, slope_max] (the "sinusoid + line" mixture of multimodal
+    meta-learning, e.g. Vuorio et al. 2019, MMAML)."""
+
+    name = "sinusoid_line"
+
+    def __init__(self, shots: int = 10, queries: int = 10, line_fraction: float = 0.5, slope_min: float = -3.0,
+                 slope_max: float = 3.0, amplitude_min: float = 0.1, amplitude_max: float = 5.0,
+                 phase_min: float = 0.0, phase_max: float = math.pi, x_min: float = -5.0, x_max: float = 5.0,
+                 meta_batch_size: int = 25, val_tasks: int = 100, test_tasks: int = 600,
+                 eval_batch_size: int = 100, seed: int = 0, eval_seed: int = 1) -> None:
+        super().__init__(shots, queries, amplitude_min, amplitude_max, phase_min, phase_max, x_min, x_max,
+                         meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed, eval_seed)
+        if not 0.0 <= line_fraction <= 1.0:
+            raise ConfigError(f"task.line_fraction must be in [0, 1], got {line_fraction}")
+        if slope_min > slope_max:
+            raise ConfigError(f"task.slope_min must be <= task.slope_max, got {slope_min} > {slope_max}")
+        self.line_fraction, self.slope = line_fraction, (slope_min, slope_max)
+
+    def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
+        tasks = super().sample(num_tasks, generator, split)
+        is_line = torch.rand((num_tasks, 1, 1), generator=generator) < self.line_fraction
+        low, high = self.slope
+        slope, intercept = (low + (high - low) * torch.rand((2, num_tasks, 1, 1), generator=generator))
+        tasks.support_y = torch.where(is_line, slope * tasks.support_x + intercept, tasks.support_y)
+        tasks.query_y = torch.where(is_line, slope * tasks.query_x + intercept, tasks.query_y)
+        return tasks

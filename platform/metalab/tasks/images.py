@@ -1,0 +1,106 @@
+"""N-way, K-shot image classification episodes from labelled images, via learn2learn's Taskset."""
+
+from __future__ import annotations
+
+import random
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import learn2learn as l2l
+import torch
+from torch.utils.data import TensorDataset
+
+from metalab.errors import ConfigError
+from metalab.tasks.base import TaskFamily
+from metalab.tasks.episodes import Episodes
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LabelledImages:
+    """All images of one split: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,), class names by label."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+
+    def samples_per_class(self) -> torch.Tensor:
+        return torch.bincount(self.labels, minlength=len(self.class_names))
+
+
+class ImageClassFamily(TaskFamily):
+    """Few-shot classification: each task draws ``ways`` classes of a split, ``shots`` support and
+    ``queries`` query images per class, labels remapped to 0..ways−1.
+
+    Subclasses load the data (:meth:`load_split`); episodes are built with learn2learn's
+    ``MetaDataset``/``Taskset`` and its ``NWays``, ``KShots``, ``LoadData``, ``RemapLabels`` transforms.
+    Those transforms draw from Python's ``random``; :meth:`sample` seeds it from the task generator,
+    so episodes depend on the run's seed alone. Images are served as float in [0, 1], (C, H, W).
+    """
+
+    problem = "classification"
+
+    def __init__(self, ways: int, shots: int, queries: int, meta_batch_size: int, val_tasks: int,
+                 test_tasks: int, eval_batch_size: int, seed: int, eval_seed: int, channels: int) -> None:
+        super().__init__(meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed, eval_seed)
+        for key, value in {"ways": ways, "shots": shots, "queries": queries}.items():
+            if value < 1:
+                raise ConfigError(f"task.{key} must be >= 1, got {value}")
+        if channels not in (1, 3):
+            raise ConfigError(f"task.channels must be 1 (grey) or 3 (RGB), got {channels}")
+        self.ways, self.shots, self.queries, self.channels = ways, shots, queries, channels
+        self._tasksets: dict[str, l2l.data.Taskset] = {}
+
+    @abstractmethod
+    def load_split(self, split: str) -> LabelledImages:
+        """All images of ``split`` ("train", "val" or "test"); raise ConfigError naming the layout if absent."""
+
+    def prepare(self) -> None:
+        """Load every split and check it can serve the configured episodes (fails at start, not mid-run)."""
+        for split in SPLITS:
+            self.taskset(split)
+
+    def taskset(self, split: str) -> l2l.data.Taskset:
+        if split not in self._tasksets:
+            data = self.load_split(split)
+            self._check_enough(split, data)
+            dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
+            transforms = [l2l.data.transforms.NWays(dataset, self.ways),
+                          l2l.data.transforms.KShots(dataset, self.shots + self.queries),
+                          l2l.data.transforms.LoadData(dataset),
+                          l2l.data.transforms.RemapLabels(dataset)]
+            self._tasksets[split] = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=-1)
+        return self._tasksets[split]
+
+    def _check_enough(self, split: str, data: LabelledImages) -> None:
+        classes = len(data.class_names)
+        if classes < self.ways:
+            raise ConfigError(f"task.ways={self.ways} but the {split} split of {self.name} has only {classes} "
+                              f"classes: lower task.ways")
+        fewest = int(data.samples_per_class().min())
+        if fewest < self.shots + self.queries:
+            raise ConfigError(f"task.shots + task.queries = {self.shots + self.queries} but a {split} class of "
+                              f"{self.name} has only {fewest} images: lower task.shots or task.queries")
+
+    def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
+        taskset = self.taskset(split)
+        state = random.getstate()
+        random.seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        try:
+            tasks = [self._split_support_query(*taskset.sample()) for _ in range(num_tasks)]
+        finally:
+            random.setstate(state)
+        return Episodes(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))
+
+    def _split_support_query(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Sort by class; the first ``shots`` images of each class are support, the rest query."""
+        order = torch.argsort(labels, stable=True)
+        images = images[order].float().div_(255)
+        if images.shape[1] != self.channels:  # grey ↔ RGB as the model expects
+            images = images.expand(-1, 3, -1, -1) if self.channels == 3 else images.mean(1, keepdim=True)
+        images = images.reshape(self.ways, self.shots + self.queries, *images.shape[1:])
+        labels = labels[order].reshape(self.ways, self.shots + self.queries)
+        support = images[:, :self.shots].flatten(0, 1), labels[:, :self.shots].flatten()
+        query = images[:, self.shots:].flatten(0, 1), labels[:, self.shots:].flatten()
+        return support[0], support[1], query[0], query[1]

@@ -1,0 +1,185 @@
+"""Offline handwriting-like few-shot family from KanjiVG's stroke-order glyphs (Omniglot-style).
+
+Each glyph (kanji, hiragana, katakana) is a class; each class has ``drawers`` seeded variations of it
+(see :mod:`metalab.tasks.strokes`). "Alphabets" are the kana sets and the kanji's Kangxi radicals
+(KanjiVG's ``kvg:radical``), and the train/val/test split is by alphabet, as Omniglot's
+background/evaluation split is, so test classes (and their alphabets) are never seen in training.
+KanjiVG © Ulrich Apel and contributors, CC BY-SA 3.0 (see NOTICE).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metalab.errors import ConfigError
+from metalab.tasks.images import ImageClassFamily, LabelledImages
+from metalab.tasks.strokes import DrawerStyle, Stroke, parse_path, render
+
+RENDER_VERSION = 1  # bump when rendering changes, so stale caches are not reused
+_RADICAL_PRIORITY = ("tradit", "general", "nelson", "jis")
+_PATH = re.compile(r'<path [^>]*?\bd="([^"]+)"')
+_RADICAL = re.compile(r'kvg:element="([^"]+)"[^>]*?kvg:radical="([a-z]+)"')
+
+
+@dataclass
+class Glyph:
+    code: str  # KanjiVG file stem, e.g. "05b57"
+    alphabet: str  # "hiragana", "katakana" or "radical-<element>"
+    svg: str
+
+    def strokes(self) -> list[Stroke]:
+        return [parse_path(d) for d in _PATH.findall(self.svg)]
+
+
+def kanjivg_dir() -> Path:
+    """Where the `kanjivg` package put its SVGs (``site-packages/kanji/``)."""
+    try:
+        folder = Path(str(metadata.distribution("kanjivg").locate_file("kanji")))
+    except metadata.PackageNotFoundError:
+        folder = Path()
+    if not folder.is_dir():
+        raise ConfigError("task=kanji needs the `kanjivg` package (its SVGs in site-packages/kanji/): run `make setup`")
+    return folder
+
+
+def alphabet_of(code: str, svg: str) -> str | None:
+    """The kana set or the Kangxi radical a glyph belongs to; ``None`` for other symbols."""
+    point = int(code, 16)
+    if 0x3041 <= point <= 0x309F:
+        return "hiragana"
+    if 0x30A1 <= point <= 0x30FF:
+        return "katakana"
+    if not 0x4E00 <= point <= 0x9FFF:
+        return None
+    radicals = {kind: element for element, kind in _RADICAL.findall(svg)}
+    for kind in _RADICAL_PRIORITY:
+        if kind in radicals:
+            return f"radical-{radicals[kind]}"
+    return None
+
+
+def read_glyphs(folder: Path) -> list[Glyph]:
+    """Every base glyph (no ``-Kaisho``-style variants) that belongs to an alphabet."""
+    glyphs = []
+    for svg_path in sorted(folder.glob("*.svg")):
+        if "-" in svg_path.stem:
+            continue
+        svg = svg_path.read_text(encoding="utf-8")
+        alphabet = alphabet_of(svg_path.stem, svg)
+        if alphabet and "<path " in svg:
+            glyphs.append(Glyph(svg_path.stem, alphabet, svg))
+    return glyphs
+
+
+def split_alphabets(glyphs: list[Glyph], num_classes: int, min_alphabet_size: int, max_alphabet_size: int,
+                    background_fraction: float, val_fraction: float, split_seed: int) -> dict[str, list[Glyph]]:
+    """Pick whole alphabets in a seeded order (each capped at ``max_alphabet_size`` glyphs, as Omniglot's
+    alphabets hold 14–55 characters) up to ``num_classes`` glyphs, and give each alphabet to the split
+    furthest below its share: train ``background_fraction − val_fraction``, val ``val_fraction``, test the rest."""
+    by_alphabet: dict[str, list[Glyph]] = defaultdict(list)
+    for glyph in glyphs:
+        by_alphabet[glyph.alphabet].append(glyph)
+    names = sorted(name for name, members in by_alphabet.items() if len(members) >= min_alphabet_size)
+    shares = {"train": background_fraction - val_fraction, "val": val_fraction, "test": 1 - background_fraction}
+    splits: dict[str, list[Glyph]] = {split: [] for split in shares}
+    total = 0
+    for index in np.random.default_rng(split_seed).permutation(len(names)):
+        if total >= num_classes:
+            break
+        members = by_alphabet[names[index]][: min(max_alphabet_size, num_classes - total)]
+        total += len(members)
+        split = max(shares, key=lambda name: shares[name] * num_classes - len(splits[name]))
+        splits[split].extend(members)
+    empty = [split for split, members in splits.items() if not members]
+    if empty:
+        raise ConfigError(f"task.num_classes={num_classes} leaves the {'/'.join(empty)} split without an alphabet: "
+                          "raise task.num_classes or lower task.max_alphabet_size")
+    return splits
+
+
+class KanjiHandwriting(ImageClassFamily):
+    """Omniglot-like few-shot classification rendered from KanjiVG, offline.
+
+    Arguments (beyond the episode settings): ``image_size`` (28 as Omniglot), ``channels`` (1 grey,
+    3 = grey repeated), ``drawers`` per class (20 as Omniglot), ``num_classes`` (1623 as Omniglot),
+    ``background_fraction`` / ``val_fraction`` of classes for train+val / val, ``min_alphabet_size`` and
+    ``max_alphabet_size`` (glyphs an alphabet must have / may give),
+    ``split_seed`` (which alphabets go where), ``variation`` (scales all drawer variation; 0 = identical
+    drawers), ``cache_dir`` (rendered images; ``None`` = ``$XDG_CACHE_HOME/metalab`` or ``~/.cache/metalab``).
+    """
+
+    name = "kanji"
+
+    def __init__(self, ways: int = 5, shots: int = 1, queries: int = 15, image_size: int = 28, channels: int = 1,
+                 drawers: int = 20, num_classes: int = 1623, background_fraction: float = 0.6,
+                 val_fraction: float = 0.1, min_alphabet_size: int = 14, max_alphabet_size: int = 55,
+                 split_seed: int = 0,
+                 variation: float = 1.0, cache_dir: str | None = None,
+                 meta_batch_size: int = 16, val_tasks: int = 100, test_tasks: int = 600, eval_batch_size: int = 50,
+                 seed: int = 0, eval_seed: int = 1) -> None:
+        super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
+                         eval_seed, channels)
+        if image_size < 8 or drawers < 1 or num_classes < 3 or variation < 0:
+            raise ConfigError(f"task.image_size >= 8, task.drawers >= 1, task.num_classes >= 3 and task.variation "
+                              f">= 0 are needed; got {image_size}, {drawers}, {num_classes}, {variation}")
+        if not 0 < val_fraction < background_fraction < 1:
+            raise ConfigError("task.val_fraction and task.background_fraction need 0 < val_fraction < "
+                              f"background_fraction < 1, got {val_fraction} and {background_fraction}")
+        self.image_size, self.drawers, self.num_classes = image_size, drawers, num_classes
+        self.split_settings = (min_alphabet_size, max_alphabet_size, background_fraction, val_fraction, split_seed)
+        self.variation = variation
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._splits: dict[str, LabelledImages] | None = None
+
+    def load_split(self, split: str) -> LabelledImages:
+        if self._splits is None:
+            self._splits = self._load_or_render()
+        return self._splits[split]
+
+    def _load_or_render(self) -> dict[str, LabelledImages]:
+        settings = {"render": RENDER_VERSION, "kanjivg": metadata.version("kanjivg"), "size": self.image_size,
+                    "drawers": self.drawers, "classes": self.num_classes, "split": self.split_settings,
+                    "variation": self.variation}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        cache = self.cache_dir / f"kanji-{key}.npz"
+        if not cache.exists():
+            self._render_to(cache)
+        stored = np.load(cache)
+        return {split: LabelledImages(torch.from_numpy(stored[f"{split}_images"]),
+                                      torch.from_numpy(stored[f"{split}_labels"]),
+                                      [str(name) for name in stored[f"{split}_classes"]]) for split in
+                ("train", "val", "test")}
+
+    def _render_to(self, cache: Path) -> None:
+        glyphs = read_glyphs(kanjivg_dir())
+        splits = split_alphabets(glyphs, self.num_classes, *self.split_settings)
+        style = DrawerStyle().scaled(self.variation)
+        arrays: dict[str, np.ndarray] = {}
+        for split, members in splits.items():
+            images = np.empty((len(members) * self.drawers, 1, self.image_size, self.image_size), np.uint8)
+            for c, glyph in enumerate(members):
+                strokes = glyph.strokes()
+                for d in range(self.drawers):  # seeded by glyph and drawer: the same images on every machine
+                    rng = np.random.default_rng([int(glyph.code, 16), d])
+                    images[c * self.drawers + d, 0] = render(strokes, self.image_size, rng, style)
+            arrays[f"{split}_images"] = images
+            arrays[f"{split}_labels"] = np.repeat(np.arange(len(members)), self.drawers)
+            arrays[f"{split}_classes"] = np.array([f"{g.alphabet}/{g.code}" for g in members])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(partial, **arrays)
+        partial.replace(cache)  # atomic: concurrent jobs never read a half-written cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metalab"
