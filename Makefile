@@ -29,14 +29,14 @@ demo: setup
 	$(BIN)/metalab-train
 
 test: setup
-	$(BIN)/ruff check platform tests scripts
+	$(BIN)/ruff check platform tests scripts benchmarks
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check platform tests scripts
+	$(BIN)/ruff check platform tests scripts benchmarks
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
