@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from matplotlib import pyplot as plt
+from pytorch_lightning.loggers import MLFlowLogger
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -32,6 +34,8 @@ class MetaLearner(pl.LightningModule):
     def __init__(self, algorithm: MetaAlgorithm, optimizer: OptimizerFactory, problem: Problem) -> None:
         super().__init__()
         self.algorithm = algorithm
+        # Reptile's outer step is no gradient of a loss: it writes .grad itself (manual optimisation).
+        self.automatic_optimization = algorithm.autograd_meta_gradient
         self.optimizer_factory = optimizer
         self.classification = problem == "classification"
         self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
@@ -40,24 +44,36 @@ class MetaLearner(pl.LightningModule):
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer_factory(self.algorithm.parameters())
 
-    def _adapted_query(self, tasks: Episodes, index: int, training: bool) -> tuple[Tensor, Tensor]:
-        """Adapt on task ``index``'s support set; return its query loss (scalar) and predictions."""
-        adapted = self.algorithm.adapt(tasks.support_x[index], tasks.support_y[index], self.loss_fn, training)
-        prediction = adapted(tasks.query_x[index])
-        return self.loss_fn(prediction, tasks.query_y[index]), prediction
+    def _adapted(self, tasks: Episodes, index: int, training: bool) -> nn.Module:
+        """The predictor for task ``index``, adapted on its support set."""
+        return self.algorithm.adapt(tasks.support_x[index], tasks.support_y[index], self.loss_fn, training)
 
     def training_step(self, tasks: Episodes, batch_idx: int) -> Tensor:
-        losses, accuracies = [], []
-        for index in range(len(tasks)):
-            loss, prediction = self._adapted_query(tasks, index, training=True)
-            losses.append(loss)
-            if self.classification:
-                accuracies.append(self._accuracy(prediction, tasks.query_y[index]))
-        meta_loss = torch.stack(losses).mean()
+        if self.automatic_optimization:
+            predictions = [self._adapted(tasks, index, training=True)(tasks.query_x[index])
+                           for index in range(len(tasks))]
+        else:  # the algorithm writes the meta-gradient itself (Reptile)
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            predictions = self.algorithm.write_meta_gradient(tasks, self.loss_fn)
+            optimizer.step()
+        meta_loss = torch.stack([self.loss_fn(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)]).mean()
         self.log("meta_train/loss", meta_loss, batch_size=len(tasks))
-        if accuracies:
-            self.log("meta_train/post_acc", torch.stack(accuracies).mean(), batch_size=len(tasks))
+        if self.classification:
+            accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])
+            self.log("meta_train/post_acc", accuracy.mean(), batch_size=len(tasks))
         return meta_loss
+
+    def on_fit_end(self) -> None:
+        """Record what the algorithm learned besides the initialisation (e.g. Meta-SGD's learning rates)."""
+        report = self.algorithm.fit_report()
+        if report is None or self.logger is None:
+            return
+        self.logger.log_metrics(report.metrics, step=self.global_step)
+        for name, figure in report.figures.items():
+            if isinstance(self.logger, MLFlowLogger):
+                self.logger.experiment.log_figure(self.logger.run_id, figure, name)
+            plt.close(figure)
 
     def validation_step(self, tasks: Episodes, batch_idx: int) -> None:
         self._evaluate(tasks)
@@ -84,8 +100,8 @@ class MetaLearner(pl.LightningModule):
                 with torch.no_grad():
                     before = self.algorithm.model(query_x)
                 self._record("pre", self.loss_fn(before, query_y), before, query_y)
-                post_loss, after = self._adapted_query(tasks, index, training=False)
-                self._record("post", post_loss.detach(), after.detach(), query_y)
+                after = self._adapted(tasks, index, training=False)(query_x).detach()
+                self._record("post", self.loss_fn(after, query_y), after, query_y)
 
     def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor) -> None:
         self._per_task[f"{when}_loss"].append(loss)

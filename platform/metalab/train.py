@@ -36,7 +36,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task: TaskFamily = instantiate(cfg.task)
     task.prepare()
-    algorithm = instantiate(cfg.algorithm, model=instantiate(cfg.model))
+    model = instantiate(cfg.model)
+    check_model_fits(model, task)
+    algorithm = instantiate(cfg.algorithm, model=model)
+    if task.problem not in algorithm.problems:
+        choices = HydraConfig.get().runtime.choices
+        raise ConfigError(f"algorithm={choices.get('algorithm')} learns {' and '.join(algorithm.problems)} tasks "
+                          f"only, and task={choices.get('task')} is {task.problem}: choose another algorithm or task")
     learner = MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem)
     tracking: Tracking = instantiate(cfg.tracking)
     info = run_info(task)
@@ -63,6 +69,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def require_accelerator(accelerator: str) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("hardware=gpu needs a CUDA device and none is visible: use hardware=cpu")
+
+
+def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
+    """One forward pass on one task's support set, so a model/task mismatch stops the run at start."""
+    support_x = task.sample(1, torch.Generator().manual_seed(0), "train").support_x[0]
+    was_training = model.training
+    model.eval()  # no batch-norm statistics are touched
+    try:
+        with torch.no_grad():
+            model(support_x)
+    except RuntimeError as error:
+        raise ConfigError(f"model {type(model).__name__} does not take task {task.name}'s inputs of shape "
+                          f"{tuple(support_x.shape)} ({' '.join(str(error).split())[:120]}): choose a model for "
+                          "this task (images: model=cnn4 or resnet12; vectors: model=mlp)") from None
+    finally:
+        model.train(was_training)
 
 
 def run_info(task: TaskFamily) -> RunInfo:

@@ -9,11 +9,10 @@ from __future__ import annotations
 import learn2learn as l2l
 from torch import Tensor, nn
 
-from metalab.algorithms.base import LossFn, MetaAlgorithm
-from metalab.errors import ConfigError
+from metalab.algorithms.base import GradientBasedAlgorithm, LossFn
 
 
-class MAML(MetaAlgorithm):
+class MAML(GradientBasedAlgorithm):
     """Adapt a clone of the model by ``inner_steps`` SGD steps on the support loss.
 
     Arguments:
@@ -33,15 +32,7 @@ class MAML(MetaAlgorithm):
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False,
                  allow_unused: bool = False, allow_nograd: bool = False) -> None:
-        super().__init__()
-        if inner_lr <= 0:
-            raise ConfigError(f"algorithm.inner_lr must be > 0, got {inner_lr}")
-        if inner_steps < 1:
-            raise ConfigError(f"algorithm.inner_steps must be >= 1, got {inner_steps}")
-        if eval_inner_steps is not None and eval_inner_steps < 1:
-            raise ConfigError(f"algorithm.eval_inner_steps must be >= 1 or null, got {eval_inner_steps}")
-        self.inner_steps = inner_steps
-        self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
+        super().__init__(inner_lr, inner_steps, eval_inner_steps)
         self.maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order,
                                         allow_unused=allow_unused, allow_nograd=allow_nograd)
 
@@ -50,9 +41,4 @@ class MAML(MetaAlgorithm):
         return self.maml.module
 
     def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
-        # Evaluation needs no graph back to the initialisation: first order gives the same adapted
-        # weights with far less memory.
-        learner = self.maml.clone(first_order=None if training else True)
-        for _ in range(self.inner_steps if training else self.eval_inner_steps):
-            learner.adapt(loss_fn(learner(support_x), support_y))
-        return learner
+        return self._steps(self.maml.clone(), support_x, support_y, loss_fn, training)

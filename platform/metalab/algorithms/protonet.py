@@ -1,0 +1,69 @@
+"""Prototypical Networks: classify queries by their distance to each class's mean support embedding.
+
+Reference: Snell, Swersky & Zemel, "Prototypical Networks for Few-shot Learning", NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metalab.algorithms.base import LossFn, MetaAlgorithm
+from metalab.errors import ConfigError
+
+
+class ProtoNet(MetaAlgorithm):
+    """No inner loop: "adapting" to a task computes its class prototypes.
+
+    The embedding is ``model.features`` when the model has one (its head is unused), else the model.
+    ``distance``: ``euclidean`` (squared, as the paper) or ``cosine`` (scaled by ``temperature``).
+    """
+
+    problems = ("classification",)
+
+    def __init__(self, model: nn.Module, distance: Literal["euclidean", "cosine"] = "euclidean",
+                 temperature: float = 10.0) -> None:
+        super().__init__()
+        if distance not in ("euclidean", "cosine"):
+            raise ConfigError(f"algorithm.distance must be euclidean or cosine, got {distance!r}")
+        if temperature <= 0:
+            raise ConfigError(f"algorithm.temperature must be > 0, got {temperature}")
+        self.network = model
+        self.distance, self.temperature = distance, temperature
+
+    @property
+    def model(self) -> nn.Module:
+        return self.network
+
+    @property
+    def embedding(self) -> nn.Module:
+        return getattr(self.network, "features", self.network)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
+        return PrototypeClassifier(self.embedding, support_x, support_y, self.distance, self.temperature)
+
+
+class PrototypeClassifier(nn.Module):
+    """Logits of queries against the prototypes of one task's support set.
+
+    Support and queries are embedded in one batch, as the reference implementations do, so batch
+    normalisation sees the whole episode.
+    """
+
+    def __init__(self, embedding: nn.Module, support_x: Tensor, support_y: Tensor, distance: str,
+                 temperature: float) -> None:
+        super().__init__()
+        self.embedding, self.support_x, self.support_y = embedding, support_x, support_y
+        self.distance, self.temperature = distance, temperature
+
+    def forward(self, query_x: Tensor) -> Tensor:
+        embedded = self.embedding(torch.cat([self.support_x, query_x])).flatten(1)  # (S + Q, D)
+        support, query = embedded[: len(self.support_x)], embedded[len(self.support_x):]
+        one_hot = F.one_hot(self.support_y).to(support.dtype)  # (S, N)
+        prototypes = (one_hot.T @ support) / one_hot.sum(0, keepdim=True).T  # (N, D)
+        if self.distance == "cosine":
+            return self.temperature * F.normalize(query, dim=1) @ F.normalize(prototypes, dim=1).T
+        return -torch.cdist(query, prototypes).pow(2)  # (Q, N)
