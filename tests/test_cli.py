@@ -46,7 +46,8 @@ BAD_INPUTS = [
     (["algorithm.inner_lr=abc"], "bad value for 'algorithm.inner_lr'"),
     (["task.shots=1.5"], "bad value for 'task.shots'"),
     (["seed=x"], "bad value for 'seed'"),
-    (["algorithm=reptilian"], "unknown algorithm 'reptilian': choose one of fomaml, maml"),
+    (["algorithm=reptilian"],
+     "unknown algorithm 'reptilian': choose one of anil, fomaml, maml, metasgd, protonet, reptile"),
     (["task=nope"], "unknown task 'nope'"),
     (["experiment=nope"], "unknown experiment 'nope': choose one of smoke"),
     (["algorithm=maml,fomaml"], "--multirun"),
@@ -62,6 +63,10 @@ BAD_INPUTS = [
     (["task=folder"], "task.root must be set"),
     (["task=omniglot", "task.split=vinyls"], "task.split must be lake or vinyals"),
     (["task=kanji", "model=cnn4", "task.ways=0"], "task.ways must be >= 1"),
+    (["algorithm=protonet"], "algorithm=protonet learns classification tasks only, and task=sinusoid is regression"),
+    (["task=kanji", "model=mlp", "task.num_classes=150", "task.max_alphabet_size=20", "task.cache_dir=cache"],
+     "model MLP does not take task kanji's inputs of shape (5, 1, 28, 28)"),
+    (["algorithm=reptile", "algorithm.inner_optimizer=rmsprop"], "algorithm.inner_optimizer must be sgd or adam"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))

@@ -66,8 +66,8 @@ class MetaLearner(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         """Record what the algorithm learned besides the initialisation (e.g. Meta-SGD's learning rates)."""
-        report = self.algorithm.fit_report()
-        if report is None or self.logger is None:
+        report = self.algorithm.fit_report() if self.logger is not None else None
+        if report is None:
             return
         self.logger.log_metrics(report.metrics, step=self.global_step)
         for name, figure in report.figures.items():
