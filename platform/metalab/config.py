@@ -81,6 +81,7 @@ class MetalabConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
+    objective: str = "meta_val/post_loss"  # what a sweeper optimises (the last validation's value)
 
 
 def _config_type(annotation: Any) -> Any:

@@ -14,6 +14,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -31,7 +32,34 @@ quiet_lightning()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Meta-train and meta-test one configuration; return the final ``meta_test/*`` metrics."""
+    """Meta-train and meta-test one configuration; return the last ``meta_val/*`` and the ``meta_test/*`` metrics."""
+    tracking: Tracking = instantiate(cfg.tracking)
+    try:
+        task, learner = build(cfg)
+        info = run_info(task)
+        logger = tracking.start(cfg, info)
+        checkpoints = [ModelCheckpoint(dirpath=info.output_dir / "checkpoints", save_last=True)]
+        trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=logger or False,
+                             callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
+                             default_root_dir=info.output_dir,
+                             inference_mode=False,  # validation/test adapt with gradients
+                             check_val_every_n_epoch=None)  # training tasks are an endless stream
+        trainer.fit(learner, datamodule=task)
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
+                   if name.startswith("meta_val/")}  # the last validation: what sweeps optimise
+        metrics |= trainer.test(learner, datamodule=task, verbose=False)[0]
+    except BaseException as error:
+        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
+        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
+        tracking.finish("KILLED" if interrupted else "FAILED", error)
+        raise
+    tracking.finish("FINISHED")
+    report(metrics, task, tracking)
+    return metrics
+
+
+def build(cfg: DictConfig) -> tuple[TaskFamily, MetaLearner]:
+    """Instantiate the task family, model, algorithm and learner, checking they fit together."""
     require_accelerator(cfg.hardware.accelerator)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     task: TaskFamily = instantiate(cfg.task)
@@ -43,27 +71,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         choices = HydraConfig.get().runtime.choices
         raise ConfigError(f"algorithm={choices.get('algorithm')} learns {' and '.join(algorithm.problems)} tasks "
                           f"only, and task={choices.get('task')} is {task.problem}: choose another algorithm or task")
-    learner = MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem)
-    tracking: Tracking = instantiate(cfg.tracking)
-    info = run_info(task)
-    logger = tracking.start(cfg, info)
-    try:
-        checkpoints = [ModelCheckpoint(dirpath=info.output_dir / "checkpoints", save_last=True)]
-        trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=logger or False,
-                             callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
-                             default_root_dir=info.output_dir,
-                             inference_mode=False,  # validation/test adapt with gradients
-                             check_val_every_n_epoch=None)  # training tasks are an endless stream
-        trainer.fit(learner, datamodule=task)
-        metrics = trainer.test(learner, datamodule=task, verbose=False)[0]
-    except BaseException as error:
-        # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
-        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
-        tracking.finish("KILLED" if interrupted else "FAILED", error)
-        raise
-    tracking.finish("FINISHED")
-    report(metrics, task, tracking)
-    return metrics
+    return task, MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem)
 
 
 def require_accelerator(accelerator: str) -> None:
@@ -112,14 +120,17 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> N
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> float:
+    """Returns the value a sweeper optimises: ``objective`` (default ``meta_val/post_loss``)."""
     try:
         metrics = train(cfg)
     except Exception as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"metalab: error: {one_line(error)}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return float("nan")  # one failed job (its run FAILED) does not stop the sweep
         raise SystemExit(1) from None
-    return metrics.get("meta_test/post_loss", float("nan"))
+    return metrics.get(cfg.objective, float("nan"))
 
 
 def cli() -> None:

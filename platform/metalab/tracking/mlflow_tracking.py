@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
@@ -13,10 +14,21 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 import metalab
 from metalab.errors import one_line
+from metalab.sweep import current_sweep
 from metalab.tracking.base import RunInfo, Tracking
 from metalab.tracking.git import git_state
 
 MAX_TAG_LENGTH = 5000
+
+
+def source_tags() -> dict[str, str]:
+    """Where a run's code came from: metalab's version, git commit and whether the checkout was dirty."""
+    tags = {"mlflow.source.name": "metalab-train", "mlflow.source.type": "LOCAL",
+            "metalab.version": metalab.__version__}
+    git = git_state(Path(metalab.__file__).parent)
+    if git:
+        tags |= {"mlflow.source.git.commit": git["commit"], "metalab.git.dirty": git["dirty"]}
+    return tags
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -51,20 +63,25 @@ class MLflowTracking(Tracking):
         self.run_id: str | None = None
 
     def start(self, cfg: DictConfig, info: RunInfo) -> MLFlowLogger:
-        name = self.experiment_name or info.experiment_name
-        experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        tags = {"mlflow.source.name": "metalab-train", "mlflow.source.type": "LOCAL",
-                "metalab.version": metalab.__version__, "metalab.output_dir": str(info.output_dir),
+        tags = {"metalab.output_dir": str(info.output_dir),
                 "metalab.checkpoint_dir": str(info.output_dir / "checkpoints")}
-        tags |= {f"metalab.{group}": choice for group, choice in info.choices.items()}
-        git = git_state(Path(metalab.__file__).parent)
-        if git:
-            tags |= {"mlflow.source.git.commit": git["commit"], "metalab.git.dirty": git["dirty"]}
-        run = self.client.create_run(experiment_id, run_name=self.run_name or info.run_name, tags=tags)
-        self.run_id = run.info.run_id
+        self._create_run(info.experiment_name, info.run_name, info.choices, tags)
         self._log_config(cfg, info)
         return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
+
+    def _create_run(self, experiment_name: str, run_name: str, choices: dict[str, str], tags: dict[str, str]) -> None:
+        """A run in the sweep's experiment, nested under its parent, or in ``experiment_name`` alone."""
+        sweep = current_sweep()
+        if sweep is not None:
+            experiment_id = sweep.experiment_id
+            tags = tags | {"mlflow.parentRunId": sweep.parent_run_id, "metalab.sweep_id": sweep.sweep_id}
+        else:
+            name = self.experiment_name or experiment_name
+            experiment = self.client.get_experiment_by_name(name)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        tags = tags | source_tags() | {f"metalab.{group}": choice for group, choice in choices.items()}
+        run = self.client.create_run(experiment_id, run_name=self.run_name or run_name, tags=tags)
+        self.run_id = run.info.run_id
 
     def _log_config(self, cfg: DictConfig, info: RunInfo) -> None:
         """Every resolved value as a param; the YAML, the overrides and Hydra's own files as artifacts."""
@@ -81,7 +98,13 @@ class MLflowTracking(Tracking):
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         if self.run_id is None:
-            return
+            if current_sweep() is None:
+                return  # a bad single run leaves no record; the error line says why
+            # A sweep job that failed before its run opened still gets a (FAILED) run, so the sweep counts it.
+            runtime = HydraConfig.get()
+            choices = {g: str(c) for g, c in runtime.runtime.choices.items() if c and not g.startswith("hydra")}
+            self._create_run("", f"{choices.get('algorithm', 'run')}-failed", choices,
+                             {"metalab.overrides": " ".join(runtime.overrides.task)[:MAX_TAG_LENGTH]})
         if error is not None:
             self.client.set_tag(self.run_id, "metalab.error", one_line(error)[:MAX_TAG_LENGTH])
         self.client.set_terminated(self.run_id, status)

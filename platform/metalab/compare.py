@@ -1,0 +1,193 @@
+"""``metalab compare``: one table (and plots) of a metric across algorithms × task families over seeds.
+
+Reads runs with ``mlflow.search_runs``; rows and columns are any two config keys (``algorithm`` and
+``task`` by default: the chosen options, from the ``metalab.<group>`` tags; any other key is read from
+the params, e.g. ``task.shots``); a cell is the mean ± 95% CI of the metric over the runs that share
+both keys (the seeds). Writes ``table.md``, ``table.csv``, ``learning_curves.png`` and, where the runs
+vary ``task.shots``, ``accuracy_vs_shots.png``; with ``--sweep`` they are also logged to the sweep's
+parent run, under ``compare/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from metalab.errors import ConfigError
+from metalab.stats import Z_95
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+@dataclass
+class Comparison:
+    table: pd.DataFrame  # long form: row, column, mean, ci95, n, best
+    metric: str
+    files: list[Path]
+
+
+def compare(tracking_uri: str | None = None, experiments: list[str] | None = None, sweep_id: str | None = None,
+            tags: dict[str, str] | None = None, metric: str | None = None, rows: str = "algorithm",
+            columns: str = "task", out: Path | None = None) -> Comparison:
+    """Compare finished runs; see the module docstring. Raises ConfigError with one line for bad input."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+    mlflow.set_tracking_uri(uri)  # mlflow.search_runs reads the global URI
+    client = MlflowClient(uri)
+    runs = select_runs(client, experiments, sweep_id, tags or {})
+    metric = metric or ("meta_test/post_acc" if "metrics.meta_test/post_acc" in runs else "meta_test/post_loss")
+    if f"metrics.{metric}" not in runs or runs[f"metrics.{metric}"].isna().all():
+        logged = sorted(c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and runs[c].notna().any())
+        raise ConfigError(f"no selected run logged metric '{metric}'; these did: {', '.join(logged) or 'none'}")
+    runs = runs.assign(_row=key_values(runs, rows), _column=key_values(runs, columns),
+                       _value=runs[f"metrics.{metric}"]).dropna(subset=["_value"])
+    table = summarise(runs, higher_is_better="loss" not in metric)
+    out = out or Path("reports") / (sweep_id or "compare")
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_markdown(table, metric, rows, columns, out / "table.md"), write_csv(table, out / "table.csv"),
+             plot_learning_curves(client, runs, metric, out / "learning_curves.png")]
+    if "params.task.shots" in runs and runs["params.task.shots"].nunique() > 1:
+        files.append(plot_versus_shots(runs, metric, out / "accuracy_vs_shots.png"))
+    if sweep_id:
+        parent = client.search_runs(experiment_ids(client, experiments),
+                                    f"tags.`metalab.sweep_id` = '{sweep_id}' and tags.`metalab.sweep_parent` = 'true'")
+        for run in parent:
+            for file in files:
+                client.log_artifact(run.info.run_id, str(file), "compare")
+    return Comparison(table, metric, files)
+
+
+def experiment_ids(client: MlflowClient, names: list[str] | None) -> list[str]:
+    experiments = client.search_experiments()
+    chosen = [e for e in experiments if names is None or e.name in names]
+    missing = set(names or []) - {e.name for e in experiments}
+    if missing:
+        raise ConfigError(f"no experiment named {', '.join(sorted(missing))}; there are: "
+                          f"{', '.join(sorted(e.name for e in experiments)) or 'none'}")
+    return [e.experiment_id for e in chosen]
+
+
+def select_runs(client: MlflowClient, experiments: list[str] | None, sweep_id: str | None,
+                tags: dict[str, str]) -> pd.DataFrame:
+    """Finished runs (no sweep parents) matching every filter, as mlflow.search_runs' DataFrame."""
+    clauses = ["attributes.status = 'FINISHED'"]
+    clauses += [f"tags.`{key}` = '{value}'" for key, value in ({"metalab.sweep_id": sweep_id} if sweep_id else {}
+                                                            | tags).items()]
+    runs = mlflow.search_runs(experiment_ids(client, experiments), " and ".join(clauses), max_results=50_000)
+    if "tags.metalab.sweep_parent" in runs:
+        runs = runs[runs["tags.metalab.sweep_parent"] != "true"]
+    if runs.empty:
+        chosen = f"experiments {', '.join(experiments)}" if experiments else "all experiments"
+        raise ConfigError(f"no finished run matches ({chosen}, sweep={sweep_id}, tags={tags}): check the filters "
+                          "(`mlflow ui` shows what is there)")
+    return runs
+
+
+def key_values(runs: pd.DataFrame, key: str) -> pd.Series:
+    """A config key per run: the chosen option for a group (tag ``metalab.<key>``), else the param."""
+    for column in (f"tags.metalab.{key}", f"params.{key}"):
+        if column in runs and runs[column].notna().any():
+            return runs[column].fillna("—")
+    raise ConfigError(f"no selected run has config key '{key}': use a group (algorithm, task, model) or a "
+                      "param such as task.shots")
+
+
+def summarise(runs: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
+    grouped = runs.groupby(["_row", "_column"])["_value"]
+    table = grouped.agg(mean="mean", n="count", std="std").reset_index()
+    table["ci95"] = [Z_95 * s / math.sqrt(n) if n > 1 else math.nan for s, n in zip(table["std"], table["n"],
+                                                                                     strict=True)]
+    best = table.groupby("_column")["mean"].transform("max" if higher_is_better else "min")
+    table["best"] = table["mean"] == best
+    return table.drop(columns="std").rename(columns={"_row": "row", "_column": "column"})
+
+
+def cell(row: pd.Series) -> str:
+    text = f"{row['mean']:.4f}" + (f" ± {row['ci95']:.4f}" if not math.isnan(row["ci95"]) else "") + f" (n={row['n']})"
+    return f"**{text}**" if row["best"] else text
+
+
+def write_markdown(table: pd.DataFrame, metric: str, rows: str, columns: str, path: Path) -> Path:
+    pivot = table.assign(cell=table.apply(cell, axis=1)).pivot(index="row", columns="column", values="cell").fillna("—")
+    header = f"| {rows} \\ {columns} | " + " | ".join(map(str, pivot.columns)) + " |"
+    lines = [f"{metric}: mean ± 95% CI over runs (n); best per column in bold", "", header,
+             "|" + "---|" * (len(pivot.columns) + 1)]
+    lines += [f"| {index} | " + " | ".join(pivot.loc[index]) + " |" for index in pivot.index]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> Path:
+    table.to_csv(path, index=False)
+    return path
+
+
+def plot_learning_curves(client: MlflowClient, runs: pd.DataFrame, metric: str, path: Path) -> Path:
+    """The validation curve of the metric (``meta_val/...``) against step, mean ± std across seeds."""
+    curve = metric.replace("meta_test/", "meta_val/")
+    columns = sorted(runs["_column"].unique())
+    figure, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 3.6), squeeze=False)
+    for axis, column in zip(axes[0], columns, strict=True):
+        for row, group in runs[runs["_column"] == column].groupby("_row"):
+            histories = [{m.step: m.value for m in client.get_metric_history(run_id, curve)} for run_id in
+                         group["run_id"]]
+            steps = sorted(set().union(*histories))
+            if not steps:
+                continue
+            values = np.array([[h.get(step, np.nan) for step in steps] for h in histories])
+            mean, spread = np.nanmean(values, 0), np.nan_to_num(np.nanstd(values, 0))
+            axis.plot(steps, mean, label=str(row))
+            axis.fill_between(steps, mean - spread, mean + spread, alpha=0.2)
+        axis.set(title=str(column), xlabel="meta-iteration", ylabel=curve)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_versus_shots(runs: pd.DataFrame, metric: str, path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(5, 3.6))
+    shots = pd.to_numeric(runs["params.task.shots"], errors="coerce")
+    for row, group in runs.assign(_shots=shots).groupby("_row"):
+        stats = group.groupby("_shots")["_value"].agg(["mean", "std", "count"])
+        error = (Z_95 * stats["std"] / np.sqrt(stats["count"])).fillna(0)
+        axis.errorbar(stats.index, stats["mean"], yerr=error, marker="o", capsize=3, label=str(row))
+    axis.set(xlabel="shots (K)", ylabel=metric)
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_URI}")
+    parser.add_argument("--experiment", action="append", dest="experiments", help="repeatable; default: all")
+    parser.add_argument("--sweep", dest="sweep_id", help="a sweep id (tag metalab.sweep_id)")
+    parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE, repeatable")
+    parser.add_argument("--metric", help="default: meta_test/post_acc if logged, else meta_test/post_loss")
+    parser.add_argument("--rows", default="algorithm")
+    parser.add_argument("--columns", default="task")
+    parser.add_argument("--out", type=Path, help="default: reports/<sweep id or 'compare'>")
+
+
+def run(arguments: argparse.Namespace) -> None:
+    tags = dict(item.split("=", 1) for item in arguments.tag if "=" in item)
+    if len(tags) != len(arguments.tag):
+        raise ConfigError("--tag takes KEY=VALUE")
+    result = compare(arguments.tracking_uri, arguments.experiments, arguments.sweep_id, tags, arguments.metric,
+                     arguments.rows, arguments.columns, arguments.out)
+    print(result.files[0].read_text())
+    print("wrote " + ", ".join(str(file) for file in result.files))

@@ -1,0 +1,156 @@
+"""Sweeps as a researcher runs them: nested MLflow runs, failures counted, Optuna's best trial, SLURM
+submission, and `metalab compare` over the result."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+import submitit
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from metalab.compare import compare
+from metalab.errors import ConfigError
+from metalab.stats import Z_95
+from tests.conftest import BIN, compose_job, run_cli
+
+
+def sweep_runs(root: Path) -> tuple[MlflowClient, object, list]:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    [parent] = [run for run in runs if run.data.tags.get("metalab.sweep_parent") == "true"]
+    return client, parent, [run for run in runs if run is not parent]
+
+
+@pytest.fixture(scope="module")
+def two_by_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sweep")
+    result = run_cli(["-m", "experiment=smoke", "algorithm=maml,fomaml", "seed=0,1"], cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_two_by_two_sweep_nests_four_finished_runs_under_one_parent(two_by_two: Path) -> None:
+    _client, parent, children = sweep_runs(two_by_two)
+    assert len(children) == 4 and {run.info.status for run in children} == {"FINISHED"}
+    assert {run.data.tags["mlflow.parentRunId"] for run in children} == {parent.info.run_id}
+    assert {run.data.tags["metalab.sweep_id"] for run in children} == {parent.data.tags["metalab.sweep_id"]}
+    combos = {(run.data.params["algorithm.first_order"], run.data.params["seed"]) for run in children}
+    assert combos == {("False", "0"), ("False", "1"), ("True", "0"), ("True", "1")}
+    assert parent.data.metrics["sweep/jobs_finished"] == 4 and parent.data.metrics["sweep/jobs_failed"] == 0
+    assert parent.info.status == "FINISHED"
+
+
+def test_compare_matches_search_runs_and_writes_plots(two_by_two: Path) -> None:
+    uri = f"sqlite:///{two_by_two}/mlflow.db"
+    _, parent, _ = sweep_runs(two_by_two)
+    sweep_id = parent.data.tags["metalab.sweep_id"]
+    result = compare(uri, sweep_id=sweep_id, out=two_by_two / "report")
+    assert result.metric == "meta_test/post_loss"
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["sweeps"], filter_string=f"tags.`metalab.sweep_id` = '{sweep_id}'")
+    runs = runs[runs["tags.metalab.sweep_parent"] != "true"]
+    for algorithm in ("maml", "fomaml"):  # by hand: mean and 1.96·s/√n over the two seeds
+        values = runs[runs["tags.metalab.algorithm"] == algorithm]["metrics.meta_test/post_loss"].to_numpy()
+        row = result.table[(result.table["row"] == algorithm) & (result.table["column"] == "sinusoid")].iloc[0]
+        assert row["n"] == 2
+        assert row["mean"] == pytest.approx(values.mean())
+        assert row["ci95"] == pytest.approx(Z_95 * values.std(ddof=1) / math.sqrt(2))
+    assert result.table["best"].sum() == 1 and result.table.loc[result.table["best"], "mean"].iloc[0] == \
+        result.table["mean"].min()  # a loss: lower is better
+    markdown = (two_by_two / "report" / "table.md").read_text()
+    assert "| maml |" in markdown and "**" in markdown
+    with Image.open(two_by_two / "report" / "learning_curves.png") as image:
+        assert image.size[0] > 200 and image.getextrema() != ((255, 255), (255, 255), (255, 255), (255, 255))
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id, "compare")}
+    assert {"compare/table.md", "compare/table.csv", "compare/learning_curves.png"} <= logged
+
+
+def test_compare_says_what_is_wrong_in_one_line(two_by_two: Path) -> None:
+    uri = f"sqlite:///{two_by_two}/mlflow.db"
+    with pytest.raises(ConfigError, match="no finished run matches"):
+        compare(uri, sweep_id="sweep-nope")
+    with pytest.raises(ConfigError, match=r"logged metric 'meta_test/post_acc'; these did: .*post_loss"):
+        compare(uri, metric="meta_test/post_acc")
+    with pytest.raises(ConfigError, match="no experiment named nope"):
+        compare(uri, experiments=["nope"])
+    done = subprocess.run([str(BIN / "metalab"), "compare", "--tracking-uri", uri, "--metric", "nope"],
+                          capture_output=True, text=True, cwd=two_by_two)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "metric 'nope'" in done.stderr
+
+
+def test_failing_job_does_not_stop_a_parallel_sweep(tmp_path: Path) -> None:
+    result = run_cli(["-m", "experiment=smoke", "algorithm=maml,protonet", "task.shots=5,10",
+                      "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("algorithm=protonet learns classification tasks only") == 2
+    _client, parent, children = sweep_runs(tmp_path)
+    statuses = sorted((run.data.tags["metalab.algorithm"], run.info.status) for run in children)
+    assert statuses == [("maml", "FINISHED"), ("maml", "FINISHED"), ("protonet", "FAILED"), ("protonet", "FAILED")]
+    failed = [run for run in children if run.info.status == "FAILED"]
+    assert all("learns classification tasks only" in run.data.tags["metalab.error"] for run in failed)
+    assert parent.data.metrics["sweep/jobs_finished"] == 2 and parent.data.metrics["sweep/jobs_failed"] == 2
+    report = compare(f"sqlite:///{tmp_path}/mlflow.db", columns="task.shots", out=tmp_path / "report")
+    assert set(report.table["column"]) == {"5", "10"}
+    with Image.open(tmp_path / "report" / "accuracy_vs_shots.png") as image:
+        image.verify()
+
+
+def test_optuna_search_records_the_best_trial_on_the_parent(tmp_path: Path) -> None:
+    result = run_cli(["hparams_search=maml_optuna", "experiment=smoke", "hydra.sweeper.n_trials=3"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    client, parent, children = sweep_runs(tmp_path)
+    assert len(children) == 3
+
+    def objective(run) -> float:  # the last validation's value: what main() returns to the sweeper
+        return client.get_metric_history(run.info.run_id, "meta_val/post_loss")[-1].value
+    best = min(children, key=objective)
+    assert parent.data.metrics["sweep/best_value"] == pytest.approx(objective(best))
+    assert float(parent.data.params["best.algorithm.inner_lr"]) == pytest.approx(
+        float(best.data.params["algorithm.inner_lr"]))
+    assert parent.data.params["best.algorithm.inner_steps"] == best.data.params["algorithm.inner_steps"]
+    assert len({run.data.params["algorithm.inner_lr"] for run in children}) == 3
+
+
+def test_slurm_hardware_builds_the_sbatch_submission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to the submission: Hydra's submitit launcher with conf/hardware/slurm.yaml writes this sbatch file."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit only checks that SLURM's srun exists
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    cfg = compose_job(tmp_path / "run", ["hardware=slurm", "hydra.launcher.partition=gpu",
+                                         f"hydra.sweep.dir={tmp_path}/sweep"])
+    submitted = {}
+
+    def capture(self: submitit.AutoExecutor, fn: object, *args: list) -> list:
+        submitted.update(executor=self, jobs=list(zip(*args, strict=True)))
+        return []
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    full = compose_with_hydra(cfg, HydraConfig.get())
+    launcher = instantiate(full.hydra.launcher)
+    launcher.config = full
+    launcher.task_function, launcher.hydra_context = None, None
+    launcher.launch([["seed=0"], ["seed=1"]], initial_job_idx=0)
+    assert [job[0] for job in submitted["jobs"]] == [["seed=0"], ["seed=1"]]
+    sbatch = submitted["executor"]._executor._make_submission_file_text("python -m metalab.train", "uid")
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=240",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --signal=USR2@120"):
+        assert line in sbatch
+    assert cfg.hardware.accelerator == "gpu"
+    assert json.dumps(dict(submitted["executor"]._executor.parameters))  # plain, serialisable parameters
+
+
+def compose_with_hydra(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
+    """The launcher reads the job config with its ``hydra`` node, as Hydra hands it over."""
+    return OmegaConf.merge(OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg)}), cfg)
