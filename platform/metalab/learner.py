@@ -44,14 +44,9 @@ class MetaLearner(pl.LightningModule):
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer_factory(self.algorithm.parameters())
 
-    def _adapted(self, tasks: Episodes, index: int, training: bool) -> nn.Module:
-        """The predictor for task ``index``, adapted on its support set."""
-        return self.algorithm.adapt(tasks.support_x[index], tasks.support_y[index], self.loss_fn, training)
-
     def training_step(self, tasks: Episodes, batch_idx: int) -> Tensor:
         if self.automatic_optimization:
-            predictions = [self._adapted(tasks, index, training=True)(tasks.query_x[index])
-                           for index in range(len(tasks))]
+            predictions = self.algorithm.query_predictions(tasks, self.loss_fn, training=True)
         else:  # the algorithm writes the meta-gradient itself (Reptile)
             optimizer = self.optimizers()
             optimizer.zero_grad()
@@ -63,6 +58,16 @@ class MetaLearner(pl.LightningModule):
             accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])
             self.log("meta_train/post_acc", accuracy.mean(), batch_size=len(tasks))
         return meta_loss
+
+    def on_train_batch_end(self, outputs: object, batch: Episodes, batch_idx: int) -> None:
+        """Record the inner-loop backend ``auto`` chose (once, after the first meta-batch)."""
+        chosen = getattr(self.algorithm, "chosen_backend", None)
+        if batch_idx == 0 and chosen and isinstance(self.logger, MLFlowLogger):
+            timings = ", ".join(f"{name} {seconds * 1000:.1f} ms"
+                                for name, seconds in getattr(self.algorithm, "probe_seconds", {}).items())
+            self.logger.experiment.set_tag(self.logger.run_id, "metalab.backend", chosen)
+            if timings:
+                self.logger.experiment.set_tag(self.logger.run_id, "metalab.backend_probe", timings)
 
     def on_fit_end(self) -> None:
         """Record what the algorithm learned besides the initialisation (e.g. Meta-SGD's learning rates)."""
@@ -94,14 +99,15 @@ class MetaLearner(pl.LightningModule):
         for module in self.algorithm.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.train()
-        with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
-            for index in range(len(tasks)):
-                query_x, query_y = tasks.query_x[index], tasks.query_y[index]
-                with torch.no_grad():
-                    before = self.algorithm.model(query_x)
+        with torch.no_grad():
+            for query_x, query_y in zip(tasks.query_x, tasks.query_y, strict=True):
+                before = self.algorithm.model(query_x)
                 self._record("pre", self.loss_fn(before, query_y), before, query_y)
-                after = self._adapted(tasks, index, training=False)(query_x).detach()
-                self._record("post", self.loss_fn(after, query_y), after, query_y)
+        with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
+            predictions = self.algorithm.query_predictions(tasks, self.loss_fn, training=False)
+        for after, query_y in zip(predictions, tasks.query_y, strict=True):
+            after = after.detach()
+            self._record("post", self.loss_fn(after, query_y), after, query_y)
 
     def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor) -> None:
         self._per_task[f"{when}_loss"].append(loss)

@@ -21,8 +21,8 @@ class ANIL(GradientBasedAlgorithm):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, first_order: bool = False) -> None:
-        super().__init__(inner_lr, inner_steps, eval_inner_steps)
+                 eval_inner_steps: int | None = None, first_order: bool = False, backend: str = "auto") -> None:
+        super().__init__(inner_lr, inner_steps, eval_inner_steps, backend)
         if not (isinstance(getattr(model, "features", None), nn.Module)
                 and isinstance(getattr(model, "head", None), nn.Module)):
             raise ConfigError(f"algorithm=anil needs a model with `features` and `head` parts; "
@@ -37,3 +37,7 @@ class ANIL(GradientBasedAlgorithm):
     def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
         head = self._steps(self.head.clone(), self.network.features(support_x), support_y, loss_fn, training)
         return nn.Sequential(self.network.features, head)
+
+    def vmap_spec(self) -> tuple[nn.Module, dict[str, Tensor | float], bool]:
+        adapted = {name: self.head.lr for name, _ in self.network.named_parameters() if name.startswith("head.")}
+        return self.network, adapted, self.head.first_order

@@ -23,6 +23,7 @@ class MAML(GradientBasedAlgorithm):
         first_order: drop second-order terms of the meta-gradient (FOMAML).
         allow_unused: tolerate parameters that the support loss does not use.
         allow_nograd: tolerate parameters with ``requires_grad=False`` (they are not adapted).
+        backend: ``loop``, ``vmap`` or ``auto`` (see :class:`~metalab.algorithms.base.GradientBasedAlgorithm`).
 
     Example (what ``training_step`` does per task)::
 
@@ -31,8 +32,8 @@ class MAML(GradientBasedAlgorithm):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False,
-                 allow_unused: bool = False, allow_nograd: bool = False) -> None:
-        super().__init__(inner_lr, inner_steps, eval_inner_steps)
+                 allow_unused: bool = False, allow_nograd: bool = False, backend: str = "auto") -> None:
+        super().__init__(inner_lr, inner_steps, eval_inner_steps, backend)
         self.maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order,
                                         allow_unused=allow_unused, allow_nograd=allow_nograd)
 
@@ -42,3 +43,8 @@ class MAML(GradientBasedAlgorithm):
 
     def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
         return self._steps(self.maml.clone(), support_x, support_y, loss_fn, training)
+
+    def vmap_spec(self) -> tuple[nn.Module, dict[str, Tensor | float], bool]:
+        network = self.maml.module
+        adapted = {name: self.maml.lr for name, p in network.named_parameters() if p.requires_grad}
+        return network, adapted, self.maml.first_order

@@ -25,8 +25,8 @@ class MetaSGD(GradientBasedAlgorithm):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, first_order: bool = False) -> None:
-        super().__init__(inner_lr, inner_steps, eval_inner_steps)
+                 eval_inner_steps: int | None = None, first_order: bool = False, backend: str = "auto") -> None:
+        super().__init__(inner_lr, inner_steps, eval_inner_steps, backend)
         self.metasgd = l2l.algorithms.MetaSGD(model, lr=inner_lr, first_order=first_order)
 
     @property
@@ -35,6 +35,11 @@ class MetaSGD(GradientBasedAlgorithm):
 
     def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
         return self._steps(self.metasgd.clone(), support_x, support_y, loss_fn, training)
+
+    def vmap_spec(self) -> tuple[nn.Module, dict[str, Tensor | float], bool]:
+        network = self.metasgd.module  # learn2learn keeps one rate tensor per parameter, in parameter order
+        rates = dict(zip((name for name, _ in network.named_parameters()), self.metasgd.lrs, strict=True))
+        return network, rates, self.metasgd.first_order
 
     def fit_report(self) -> FitReport:
         rates = torch.cat([lr.detach().flatten() for lr in self.metasgd.lrs]).cpu()
