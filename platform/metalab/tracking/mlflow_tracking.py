@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
@@ -67,7 +68,8 @@ class MLflowTracking(Tracking):
                 "metalab.checkpoint_dir": str(info.output_dir / "checkpoints")}
         self._create_run(info.experiment_name, info.run_name, info.choices, tags)
         self._log_config(cfg, info)
-        return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id)
+        # Asynchronous: a metric write never blocks a training step (flushed in finish()).
+        return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, synchronous=False)
 
     def _create_run(self, experiment_name: str, run_name: str, choices: dict[str, str], tags: dict[str, str]) -> None:
         """A run in the sweep's experiment, nested under its parent, or in ``experiment_name`` alone."""
@@ -105,6 +107,7 @@ class MLflowTracking(Tracking):
             choices = {g: str(c) for g, c in runtime.runtime.choices.items() if c and not g.startswith("hydra")}
             self._create_run("", f"{choices.get('algorithm', 'run')}-failed", choices,
                              {"metalab.overrides": " ".join(runtime.overrides.task)[:MAX_TAG_LENGTH]})
+        mlflow.flush_async_logging()  # every metric logged so far is stored before the status changes
         if error is not None:
             self.client.set_tag(self.run_id, "metalab.error", one_line(error)[:MAX_TAG_LENGTH])
         self.client.set_terminated(self.run_id, status)
