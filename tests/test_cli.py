@@ -90,11 +90,3 @@ def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
-
-def test_multirun_records_one_mlflow_run_per_job(tmp_path: Path) -> None:
-    result = run_cli(["-m", "experiment=smoke", "algorithm=maml,fomaml", "tracking.run_name=sweep-job"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
-    assert sorted(run.data.tags["metalab.algorithm"] for run in runs) == ["fomaml", "maml"]
-    assert {run.info.status for run in runs} == {"FINISHED"}

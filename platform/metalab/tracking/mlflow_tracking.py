@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,12 @@ class MLflowTracking(Tracking):
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
-        self.client = MlflowClient(tracking_uri)
         self.run_id: str | None = None
+
+    @functools.cached_property
+    def client(self) -> MlflowClient:
+        """Opened on first use: a run that fails its checks before training never touches the store."""
+        return MlflowClient(self.tracking_uri)
 
     def start(self, cfg: DictConfig, info: RunInfo) -> MLFlowLogger:
         tags = {"metalab.output_dir": str(info.output_dir),
