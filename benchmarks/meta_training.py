@@ -161,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke check of the script)")
+    parser.add_argument("--only", help="run only the workloads whose name contains this text, e.g. sinusoid")
     args = parser.parse_args()
     quiet_lightning()
     scale = 0.25 if args.quick else 1.0
@@ -173,6 +174,7 @@ def main() -> None:
         Workload("CNN4 kanji 20w5s15q, ProtoNet, 4 tasks", KanjiHandwriting(20, 5, 15, meta_batch_size=4, **kanji),
                  lambda: CNN4(20), "protonet", 0.0, max(2, int(8 * scale))),
     ]
+    workloads = [w for w in workloads if args.only is None or args.only in w.name]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")
     rows = []

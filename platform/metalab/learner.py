@@ -52,12 +52,19 @@ class MetaLearner(pl.LightningModule):
             optimizer.zero_grad()
             predictions = self.algorithm.write_meta_gradient(tasks, self.loss_fn)
             optimizer.step()
-        meta_loss = torch.stack([self.loss_fn(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)]).mean()
+        meta_loss = self.task_losses(predictions, tasks.query_y).mean()
         self.log("meta_train/loss", meta_loss, batch_size=len(tasks))
         if self.classification:
             accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])
             self.log("meta_train/post_acc", accuracy.mean(), batch_size=len(tasks))
         return meta_loss
+
+    def task_losses(self, predictions: list[Tensor] | Tensor, targets: Tensor) -> Tensor:
+        """Each task's mean query loss, (T,). Stacked predictions (T, Q, *out) take one batched call."""
+        if isinstance(predictions, Tensor):
+            flat = self.loss_fn(predictions.flatten(0, 1), targets.flatten(0, 1), reduction="none")
+            return flat.reshape(len(targets), -1).mean(1)
+        return torch.stack([self.loss_fn(p, y) for p, y in zip(predictions, targets, strict=True)])
 
     def on_train_batch_end(self, outputs: object, batch: Episodes, batch_idx: int) -> None:
         """Record the inner-loop backend ``auto`` chose (once, after the first meta-batch)."""

@@ -53,8 +53,9 @@ class MetaAlgorithm(nn.Module, ABC):
         evaluation ones; in evaluation the result needs no graph back to the meta-parameters.
         """
 
-    def query_predictions(self, tasks: Episodes, loss_fn: LossFn, training: bool) -> list[Tensor]:
-        """Each task's query predictions by its adapted predictor (one task after another)."""
+    def query_predictions(self, tasks: Episodes, loss_fn: LossFn, training: bool) -> list[Tensor] | Tensor:
+        """Each task's query predictions by its adapted predictor (one task after another); a vectorised
+        backend may return them stacked, (T, Q, *out)."""
         return [self.adapt(tasks.support_x[index], tasks.support_y[index], loss_fn, training)(tasks.query_x[index])
                 for index in range(len(tasks))]
 
@@ -109,11 +110,11 @@ class GradientBasedAlgorithm(MetaAlgorithm):
     def vmap_spec(self) -> tuple[nn.Module, dict[str, Tensor | float], bool]:
         """For the vectorised backend: the network, ``{adapted parameter name: step size}``, first order."""
 
-    def query_predictions(self, tasks: Episodes, loss_fn: LossFn, training: bool) -> list[Tensor]:
+    def query_predictions(self, tasks: Episodes, loss_fn: LossFn, training: bool) -> list[Tensor] | Tensor:
         if self.chosen_backend is None:
             self.chosen_backend = self._probe(tasks, loss_fn)
         if self.chosen_backend == "vmap":
-            return list(self._vmapped(tasks, loss_fn, training).unbind(0))
+            return self._vmapped(tasks, loss_fn, training)
         return super().query_predictions(tasks, loss_fn, training)
 
     def _vmapped(self, tasks: Episodes, loss_fn: LossFn, training: bool) -> Tensor:
@@ -129,7 +130,7 @@ class GradientBasedAlgorithm(MetaAlgorithm):
             self.chosen_backend = backend
             start = time.perf_counter()
             predictions = self.query_predictions(tasks, loss_fn, training=True)
-            loss = torch.stack([loss_fn(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)]).mean()
+            loss = sum(loss_fn(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)) / len(tasks)
             torch.autograd.grad(loss, parameters, allow_unused=True)  # leaves .grad untouched
             seconds = time.perf_counter() - start
             self.probe_seconds[backend] = min(seconds, self.probe_seconds.get(backend, seconds))
