@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from metalab.algorithms.base import MetaAlgorithm
+from metalab.reliability import DivergenceError
 from metalab.stats import mean_and_ci95
 from metalab.tasks.base import Problem
 from metalab.tasks.episodes import Episodes
@@ -53,6 +54,10 @@ class MetaLearner(pl.LightningModule):
             predictions = self.algorithm.write_meta_gradient(tasks, self.loss_fn)
             optimizer.step()
         meta_loss = self.task_losses(predictions, tasks.query_y).mean()
+        if not torch.isfinite(meta_loss):  # one scalar check per step: stop at the first bad step
+            raise DivergenceError(f"meta_train/loss is {meta_loss.item()} at step {self.global_step}: training "
+                                  "diverged; lower optimizer.lr or algorithm.inner_lr (last.ckpt holds the last "
+                                  "good state)")
         self.log("meta_train/loss", meta_loss, batch_size=len(tasks))
         if self.classification:
             accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])

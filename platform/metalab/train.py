@@ -24,6 +24,7 @@ from metalab.config import config_dir, register_configs
 from metalab.errors import ConfigError, one_line
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
+from metalab.reliability import InterruptCheckpoint
 from metalab.tasks.base import TaskFamily
 from metalab.tracking.base import RunInfo, Tracking
 
@@ -38,7 +39,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         task, learner = build(cfg)
         info = run_info(task)
         logger = tracking.start(cfg, info)
-        checkpoints = [ModelCheckpoint(dirpath=info.output_dir / "checkpoints", save_last=True)]
+        folder = info.output_dir / "checkpoints"
+        checkpoints = [ModelCheckpoint(dirpath=folder, save_last=True), InterruptCheckpoint(folder)]
         trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=logger or False,
                              callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
                              default_root_dir=info.output_dir,

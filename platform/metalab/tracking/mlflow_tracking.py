@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 import metalab
 from metalab.errors import one_line
+from metalab.reliability import require_reachable
 from metalab.sweep import current_sweep
 from metalab.tracking.base import RunInfo, Tracking
 from metalab.tracking.git import git_state
@@ -69,6 +70,7 @@ class MLflowTracking(Tracking):
         return MlflowClient(self.tracking_uri)
 
     def start(self, cfg: DictConfig, info: RunInfo) -> MLFlowLogger:
+        require_reachable(self.tracking_uri)
         tags = {"metalab.output_dir": str(info.output_dir),
                 "metalab.checkpoint_dir": str(info.output_dir / "checkpoints")}
         self._create_run(info.experiment_name, info.run_name, info.choices, tags)
