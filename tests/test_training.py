@@ -112,7 +112,8 @@ def test_interrupt_marks_run_killed(job, tmp_path, monkeypatch) -> None:
 
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(job) -> None:
     # backend pinned: `auto` picks by timing, and loop and vmap agree to float rounding, not bit for bit
-    overrides = ["tracking=none", *SHORT, "trainer.max_steps=30", "trainer.val_check_interval=15", "algorithm.backend=loop"]
+    overrides = ["tracking=none", *SHORT, "trainer.max_steps=30", "trainer.val_check_interval=15",
+                 "algorithm.backend=loop"]
     first = train(job(*overrides, "seed=7"))
     second = train(job(*overrides, "seed=7"))
     other = train(job(*overrides, "seed=8"))
