@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from metalab.reliability import DivergenceError
 from metalab.train import train
-from tests.conftest import run_cli
+from tests.conftest import BIN, run_cli
 
 
 def test_divergence_stops_at_the_first_bad_step_and_fails_the_run(job, tmp_path: Path) -> None:
@@ -48,3 +52,52 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) 
 def test_unwritable_sqlite_folder_is_refused(job) -> None:
     with pytest.raises(Exception, match="does not exist or is not writable"):
         train(job("experiment=smoke", "tracking.tracking_uri=sqlite:////nonexistent/folder/mlflow.db"))
+
+
+def test_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupted_one(tmp_path: Path) -> None:
+    common = ["experiment=smoke", "trainer.max_steps=300", "trainer.val_check_interval=100",
+              "trainer.log_every_n_steps=1", "checkpoint_every_n_steps=10", "algorithm.backend=loop", "seed=3"]
+    (tmp_path / "reference").mkdir()
+    reference = run_cli([*common, f"tracking.tracking_uri=sqlite:///{tmp_path}/reference.db"],
+                        cwd=tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    process = subprocess.Popen([str(BIN / "metalab-train"), *common, f"tracking.tracking_uri={store}"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_environment())
+    deadline = time.monotonic() + 120
+    while not any(int(p.stem.split("step=")[1]) >= 30 for p in tmp_path.glob("outputs/*/*/checkpoints/*step=*.ckpt")):
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # no clean-up of any kind
+    process.wait()
+
+    client = MlflowClient(store)
+    [killed] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert killed.info.status == "RUNNING"  # what a hard kill leaves behind
+    resumed = run_cli([*common, f"tracking.tracking_uri={store}", f"resume={killed.info.run_id}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["metalab.resumed_from"].endswith("last.ckpt")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "meta_train/loss")]
+    assert len(steps) == len(set(steps))  # no step logged twice
+    ordered = sorted(steps)
+    assert ordered[-1] == 299 and max(b - a for a, b in itertools.pairwise(ordered)) <= 10  # gaps < an interval
+    reference_client = MlflowClient(f"sqlite:///{tmp_path}/reference.db")
+    [uninterrupted] = reference_client.search_runs([reference_client.get_experiment_by_name("sinusoid").experiment_id])
+    for name in ("meta_test/post_loss", "meta_test/pre_loss", "meta_val/post_loss"):
+        assert run.data.metrics[name] == pytest.approx(uninterrupted.data.metrics[name], rel=1e-6), name
+
+
+def test_resume_of_an_unknown_run_is_one_line(tmp_path: Path) -> None:
+    result = run_cli(["experiment=smoke", "resume=0123456789abcdef0123456789abcdef"], cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "INFO mlflow" not in line]
+    assert result.returncode == 1 and len(lines) == 1
+    assert "resume=0123456789abcdef0123456789abcdef: no MLflow run with that id" in lines[0]
+
+
+def clean_environment() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}

@@ -82,6 +82,8 @@ class MetalabConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     objective: str = "meta_val/post_loss"  # what a sweeper optimises (the last validation's value)
+    resume: str | None = None  # an MLflow run id: continue it from its last checkpoint
+    checkpoint_every_n_steps: int = 0  # also checkpoint every n meta-iterations (0: at validations only)
 
 
 def _config_type(annotation: Any) -> Any:

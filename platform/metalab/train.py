@@ -37,16 +37,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tracking: Tracking = instantiate(cfg.tracking)
     try:
         task, learner = build(cfg)
-        info = run_info(task)
-        logger = tracking.start(cfg, info)
-        folder = info.output_dir / "checkpoints"
-        checkpoints = [ModelCheckpoint(dirpath=folder, save_last=True), InterruptCheckpoint(folder)]
+        if cfg.resume:  # continue a run (killed, preempted) from its last checkpoint, into the same MLflow run
+            logger, output_dir, checkpoint = tracking.resume(cfg.resume)
+        else:
+            info = run_info(task)
+            logger, output_dir, checkpoint = tracking.start(cfg, info), info.output_dir, None
+        folder = output_dir / "checkpoints"
+        checkpoints = [ModelCheckpoint(dirpath=folder, save_last=True,
+                                       every_n_train_steps=cfg.checkpoint_every_n_steps or None),
+                       InterruptCheckpoint(folder)]
         trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=logger or False,
                              callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
-                             default_root_dir=info.output_dir,
+                             default_root_dir=output_dir,
                              inference_mode=False,  # validation/test adapt with gradients
                              check_val_every_n_epoch=None)  # training tasks are an endless stream
-        trainer.fit(learner, datamodule=task)
+        trainer.fit(learner, datamodule=task, ckpt_path=checkpoint)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
                    if name.startswith("meta_val/")}  # the last validation: what sweeps optimise
         metrics |= trainer.test(learner, datamodule=task, verbose=False)[0]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -49,7 +51,9 @@ class TaskFamily(pl.LightningDataModule):
         """Draw ``num_tasks`` tasks of ``split`` ("train", "val" or "test") using ``generator`` only."""
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_EndlessMetaBatches(self, self.seed), batch_size=None)
+        # A resumed fit continues the stream where the checkpoint left it: batch i is the same either way.
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return DataLoader(_EndlessMetaBatches(self, self.seed, start), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed_loader("val", self.val_tasks, offset=1)
@@ -65,13 +69,16 @@ class TaskFamily(pl.LightningDataModule):
 
 
 class _EndlessMetaBatches(IterableDataset):
-    """Fresh meta-batches of training tasks; restarting iteration restarts the seeded stream."""
+    """Fresh meta-batches of training tasks; batch ``i`` is drawn from a generator seeded by (seed, i),
+    so the stream can start at any batch (resuming) and still match an uninterrupted run."""
 
-    def __init__(self, family: TaskFamily, seed: int) -> None:
+    def __init__(self, family: TaskFamily, seed: int, start: int = 0) -> None:
         self.family = family
         self.seed = seed
+        self.start = start
 
     def __iter__(self) -> Iterator[Episodes]:
-        generator = torch.Generator().manual_seed(self.seed)
-        while True:
+        for index in itertools.count(self.start):
+            state = np.random.SeedSequence([self.seed, index]).generate_state(2, np.uint64)[0]
+            generator = torch.Generator().manual_seed(int(state) & (2**63 - 1))
             yield self.family.sample(self.family.meta_batch_size, generator, "train")

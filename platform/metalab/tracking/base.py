@@ -28,6 +28,12 @@ class Tracking(ABC):
     def start(self, cfg: DictConfig, info: RunInfo) -> Logger | None:
         """Open the run for this job and record its configuration; return Lightning's logger for it."""
 
+    def resume(self, run_id: str) -> tuple[Logger, Path, Path]:
+        """Reopen run ``run_id``: its logger, its output folder, and the checkpoint to continue from."""
+        from metalab.errors import ConfigError
+
+        raise ConfigError(f"resume={run_id} needs tracking=mlflow (the run and its checkpoint are found there)")
+
     @abstractmethod
     def finish(self, status: str, error: BaseException | None = None) -> None:
         """Close the run as FINISHED, FAILED or KILLED; ``error`` says why it did not finish."""

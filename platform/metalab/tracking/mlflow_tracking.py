@@ -9,13 +9,14 @@ from typing import Any
 import mlflow
 from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
 import metalab
-from metalab.errors import one_line
+from metalab.errors import ConfigError, one_line
 from metalab.reliability import require_reachable
 from metalab.sweep import current_sweep
 from metalab.tracking.base import RunInfo, Tracking
@@ -78,6 +79,25 @@ class MLflowTracking(Tracking):
         # Asynchronous: a metric write never blocks a training step (flushed in finish()).
         return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, synchronous=False)
 
+    def resume(self, run_id: str) -> tuple[MLFlowLogger, Path, Path]:
+        require_reachable(self.tracking_uri)
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"resume={run_id}: no MLflow run with that id in {self.tracking_uri}: check the id "
+                              "(`make ui` lists runs) and the tracking URI") from None
+        checkpoint = Path(run.data.tags.get("metalab.checkpoint_dir", "."), "last.ckpt")
+        if not checkpoint.is_file():
+            raise ConfigError(f"resume={run_id}: {checkpoint} does not exist (the run saved no checkpoint before it "
+                              "stopped): start a new run")
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, "metalab.resumed_from", str(checkpoint))
+        # Steps logged after the checkpoint (before the run died) are not logged twice.
+        logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
+        logger = ResumedMLFlowLogger(logged, tracking_uri=self.tracking_uri, run_id=run_id, synchronous=False)
+        return logger, Path(run.data.tags["metalab.output_dir"]), checkpoint
+
     def _create_run(self, experiment_name: str, run_name: str, choices: dict[str, str], tags: dict[str, str]) -> None:
         """A run in the sweep's experiment, nested under its parent, or in ``experiment_name`` alone."""
         sweep = current_sweep()
@@ -118,3 +138,17 @@ class MLflowTracking(Tracking):
         if error is not None:
             self.client.set_tag(self.run_id, "metalab.error", one_line(error)[:MAX_TAG_LENGTH])
         self.client.set_terminated(self.run_id, status)
+
+
+class ResumedMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger for a resumed run: drops values at steps the run already holds."""
+
+    def __init__(self, logged_steps: dict[str, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.logged_steps = logged_steps
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        fresh = {key: value for key, value in metrics.items()
+                 if step is None or step > self.logged_steps.get(key, -1)}
+        if fresh:
+            super().log_metrics(fresh, step)
