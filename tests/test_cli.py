@@ -67,6 +67,18 @@ BAD_INPUTS = [
     (["task=kanji", "model=mlp", "task.num_classes=150", "task.max_alphabet_size=20", "task.cache_dir=cache"],
      "model MLP does not take task kanji's inputs of shape (5, 1, 28, 28)"),
     (["algorithm=reptile", "algorithm.inner_optimizer=rmsprop"], "algorithm.inner_optimizer must be sgd or adam"),
+    (["optimizer.lr=fast"], "bad value for 'optimizer.lr'"),
+    (["task.test_tasks=-1"], "task.test_tasks must be >= 1"),
+    (["task=kanji", "task.ways=5000", "task.num_classes=150", "task.max_alphabet_size=20", "task.cache_dir=cache"],
+     "task.ways=5000 but the train split of kanji has only"),
+    (["task=kanji", "task.shots=5", "task.queries=20", "task.num_classes=150", "task.max_alphabet_size=20",
+      "task.cache_dir=cache"], "task.shots + task.queries = 25 but a train class of kanji has only 20 images"),
+    (["task=omniglot", "task.root=/proc/1/root/forbidden"],
+     "task.root=/proc/1/root/forbidden: cannot read /proc/1/root/forbidden/images_background (Permission denied)"),
+    (["tracking.tracking_uri=sqlite:////nonexistent/folder/mlflow.db"], "does not exist or is not writable"),
+    (["tracking.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 does not answer"),
+    (["-m", "algorithm=maml,,fomaml"], "Error parsing override"),
+    (["resume=0123456789abcdef0123456789abcdef"], "no MLflow run with that id"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))

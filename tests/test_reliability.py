@@ -101,3 +101,35 @@ def test_resume_of_an_unknown_run_is_one_line(tmp_path: Path) -> None:
 
 def clean_environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+
+
+def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> None:
+    process = subprocess.Popen([str(BIN / "metalab-train"), "experiment=smoke", "trainer.max_steps=100000",
+                                "checkpoint_every_n_steps=10", "algorithm.backend=loop"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_environment())
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("outputs/*/*/checkpoints/*step=*.ckpt")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "KILLED"
+    assert Path(run.data.tags["metalab.checkpoint_dir"], "interrupted.ckpt").is_file()
+    assert "Traceback" not in stderr
+
+
+def test_eight_parallel_jobs_on_the_embedded_store_all_record_every_metric(tmp_path: Path) -> None:
+    result = run_cli(["-m", "experiment=smoke", "seed=0,1,2,3,4,5,6,7", "hydra/launcher=joblib",
+                      "hydra.launcher.n_jobs=8", "trainer.log_every_n_steps=1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    jobs = [run for run in runs if run.data.tags.get("metalab.sweep_parent") != "true"]
+    assert len(jobs) == 8 and {run.info.status for run in jobs} == {"FINISHED"}
+    assert sorted(run.data.params["seed"] for run in jobs) == [str(seed) for seed in range(8)]
+    for run in jobs:  # every step of every job made it to SQLite
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "meta_train/loss")] == list(range(20))
+        assert {"meta_val/post_loss", "meta_test/post_loss", "meta_test/post_loss_ci95"} <= set(run.data.metrics)

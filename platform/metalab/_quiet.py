@@ -29,12 +29,15 @@ class _DropLightningTips(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Drop Lightning's product tips and one known-harmless deprecation it triggers in torch 2.14.
+    """Drop Lightning's product tips, MLflow's store-creation notices, and one known-harmless deprecation.
 
     Lightning 2.6.6 still builds ``torch.utils._pytree.LeafSpec``, which torch 2.14 marks deprecated;
     the warning is about Lightning's internals, not the user's code. Every other message stays.
     """
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropLightningTips())
+    # MLflow announces creating/upgrading a fresh SQLite store at INFO; its warnings and errors still show.
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)

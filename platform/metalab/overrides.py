@@ -11,6 +11,7 @@ import difflib
 import re
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -24,7 +25,14 @@ def check_overrides(args: list[str]) -> str | None:
 
     Flags (``--multirun``, ``--cfg``, ``--help`` ...) are Hydra's to handle: such command lines pass.
     """
-    if any(arg.startswith("-") for arg in args):
+    flags = [arg for arg in args if arg.startswith("-")]
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    if flags:  # Hydra handles --multirun, --cfg, --help ...; a sweep's syntax is still checked here
+        if {"-m", "--multirun"} & set(flags):
+            try:
+                OverridesParser.create().parse_overrides(overrides)
+            except OverrideParseException as error:
+                return describe(error)
         return None
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         try:

@@ -63,7 +63,12 @@ class ImageClassFamily(TaskFamily):
 
     def taskset(self, split: str) -> l2l.data.Taskset:
         if split not in self._tasksets:
-            data = self.load_split(split)
+            try:
+                data = self.load_split(split)
+            except PermissionError as error:  # e.g. an unreadable task.root
+                where = f"task.root={getattr(self, 'root', '')}: " if hasattr(self, "root") else ""
+                raise ConfigError(f"{where}cannot read {error.filename} ({error.strerror}): check the path and its "
+                                  "permissions") from None
             self._check_enough(split, data)
             dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
             transforms = [l2l.data.transforms.NWays(dataset, self.ways),
