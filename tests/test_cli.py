@@ -79,6 +79,8 @@ BAD_INPUTS = [
     (["tracking.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 does not answer"),
     (["-m", "algorithm=maml,,fomaml"], "Error parsing override"),
     (["resume=0123456789abcdef0123456789abcdef"], "no MLflow run with that id"),
+    (["model=transformer"], "unknown model 'transformer': choose one of cnn4, mlp, resnet12"),
+    (["hydra.run.dir=/proc/metalab-out"], "cannot create the output folder /proc/metalab-out"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import tempfile
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -36,9 +38,22 @@ def check_overrides(args: list[str]) -> str | None:
         return None
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         try:
-            compose("config", overrides=args)
+            cfg = compose("config", overrides=args, return_hydra_config=True)
         except Exception as error:  # any composition failure is reported, not raised
             return describe(error)
+    return check_writable(Path(str(cfg.hydra.run.dir)))
+
+
+def check_writable(run_dir: Path) -> str | None:
+    """Hydra creates the job's output folder; say so in one line if it cannot."""
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as error:
+        return (f"cannot create the output folder {run_dir} ({error.strerror} in {existing}): set hydra.run.dir "
+                "to a writable folder")
     return None
 
 
