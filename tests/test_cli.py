@@ -104,3 +104,13 @@ def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
+
+
+def test_corrupt_data_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    for split in ("train", "validation", "test"):
+        (tmp_path / f"mini-imagenet-cache-{split}.pkl").write_bytes(b"this is not a pickle")
+    result = run_cli(["experiment=smoke", "task=mini_imagenet", f"task.root={tmp_path}"], cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert f"{tmp_path}/mini-imagenet-cache-train.pkl is not a mini-ImageNet pickle" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()
