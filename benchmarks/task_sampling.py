@@ -68,7 +68,6 @@ def main() -> None:
     parser.add_argument("--omniglot-root")
     parser.add_argument("--mini-imagenet-root")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
 
     chosen = families(args)
     generator = torch.Generator().manual_seed(0)

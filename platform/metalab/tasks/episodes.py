@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
@@ -26,8 +25,3 @@ class Episodes:
 
     def __getitem__(self, index: int | slice) -> Episodes:
         return Episodes(self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index])
-
-    @staticmethod
-    def cat(parts: list[Episodes]) -> Episodes:
-        return Episodes(*(torch.cat([getattr(p, name) for p in parts]) for name in
-                          ("support_x", "support_y", "query_x", "query_y")))

@@ -9,6 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import Logger
 
+from metalab.errors import ConfigError
+
 
 @dataclass
 class RunInfo:
@@ -30,8 +32,6 @@ class Tracking(ABC):
 
     def resume(self, run_id: str) -> tuple[Logger, Path, Path]:
         """Reopen run ``run_id``: its logger, its output folder, and the checkpoint to continue from."""
-        from metalab.errors import ConfigError
-
         raise ConfigError(f"resume={run_id} needs tracking=mlflow (the run and its checkpoint are found there)")
 
     @abstractmethod
