@@ -15,6 +15,7 @@ peak resident memory above the baseline while the variant ran (sampled every 5 m
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -127,8 +128,8 @@ class StepTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Path) -> float:
-    """(b)/(c): seconds per meta-iteration of metalab's Trainer with MLflow tracking on."""
+def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Path) -> tuple[float, str]:
+    """(b)/(c): seconds per meta-iteration of metalab's Trainer with MLflow tracking on, and the backend used."""
     from pytorch_lightning.loggers import MLFlowLogger
 
     torch.manual_seed(0)
@@ -143,18 +144,22 @@ def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Pa
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          log_every_n_steps=50, inference_mode=False, check_val_every_n_epoch=None,
                          accelerator="cpu", devices=1)
-    trainer.fit(learner, train_dataloaders=workload.family.train_dataloader())
-    return (timer.end - timer.start) / iterations
+    trainer.fit(learner, datamodule=workload.family)  # its train_dataloader and batch transfer, as metalab-train
+    return (timer.end - timer.start) / iterations, getattr(algorithm, "chosen_backend", None) or "-"
 
 
 def first_step_seconds() -> float:
     """The smallest complete run from the command line (imports, compose, MLflow run, 1 step, tiny test)."""
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "metalab-train"), "experiment=smoke", "trainer.max_steps=1",
-                        "trainer.val_check_interval=1", "task.val_tasks=1", "task.test_tasks=1",
-                        "algorithm.backend=loop"], cwd=folder, check=True, capture_output=True)
-        return time.perf_counter() - start
+        command = [str(Path(sys.executable).parent / "metalab-train"), "experiment=smoke", "trainer.max_steps=1",
+                   "trainer.val_check_interval=1", "task.val_tasks=1", "task.test_tasks=1", "algorithm.backend=loop"]
+        run = subprocess.run(command, cwd=folder, capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})  # set by (b)
+        seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"the command-line run failed:\n{run.stderr[-2000:]}")
+    return seconds
 
 
 def main() -> None:
@@ -183,6 +188,7 @@ def main() -> None:
             workload.family.prepare()
             seconds: dict[str, list[float]] = {"a": [], "b": [], "c": []}
             memory: dict[str, float] = {"a": 0.0, "b": 0.0, "c": 0.0}
+            choices: list[str] = []  # what backend=auto chose in each repeat
             for repeat in range(args.repeats):
                 for variant in ("a", "b", "c"):
                     with PeakMemory() as peak:
@@ -191,13 +197,16 @@ def main() -> None:
                         else:
                             backend = "loop" if variant == "b" else "auto"
                             store = Path(folder) / f"{variant}{repeat}.db"
-                            seconds[variant].append(metalab_trainer(workload, workload.iterations, backend, store))
+                            per_iteration, chosen = metalab_trainer(workload, workload.iterations, backend, store)
+                            seconds[variant].append(per_iteration)
+                            if variant == "c":
+                                choices.append(chosen)
                     memory[variant] = max(memory[variant], peak.megabytes)
-            rows.append((workload, seconds, memory))
+            rows.append((workload, seconds, memory, choices))
 
     print(f"\n{'workload':40} {'(a) it/s':>10} {'(b) it/s':>10} {'(c) it/s':>10} {'(b)/(a)':>16} {'(c)/(a)':>16}"
-          f"   peak MB a/b/c")
-    for workload, seconds, memory in rows:
+          f"   peak MB a/b/c   (c) chose")
+    for workload, seconds, memory, choices in rows:
         rate = {k: [1 / s for s in v] for k, v in seconds.items()}
         ratios = {k: [rate[k][i] / rate["a"][i] for i in range(len(rate["a"]))] for k in ("b", "c")}
 
@@ -206,7 +215,7 @@ def main() -> None:
 
         print(f"{workload.name:40} {statistics.median(rate['a']):10.2f} {statistics.median(rate['b']):10.2f} "
               f"{statistics.median(rate['c']):10.2f} {show(ratios['b']):>16} {show(ratios['c']):>16}   "
-              f"{memory['a']:.0f}/{memory['b']:.0f}/{memory['c']:.0f}")
+              f"{memory['a']:.0f}/{memory['b']:.0f}/{memory['c']:.0f}   {','.join(choices)}")
     print(f"\nsmallest full run from the command line (imports, compose, MLflow run, 1 step, test): "
           f"{first_step_seconds():.1f} s")
 

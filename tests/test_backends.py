@@ -1,4 +1,5 @@
-"""The vectorised inner loop (``backend=vmap``) computes the same meta-gradient as learn2learn's loop."""
+"""The vectorised (``backend=vmap``) and threaded (``backend=threads``) inner loops compute the same
+meta-gradient as learn2learn's loop."""
 
 from __future__ import annotations
 
@@ -40,22 +41,22 @@ def meta_gradient(algorithm, tasks: Episodes, problem: str) -> tuple[list[torch.
     return [p.grad.clone() for p in algorithm.parameters()], loss.detach()
 
 
+@pytest.mark.parametrize("backend", ["vmap", "threads"])
 @pytest.mark.parametrize("name", ALGORITHMS)
 @pytest.mark.parametrize("network", ["mlp", "cnn_with_batchnorm"])
-def test_vmap_and_loop_give_the_same_meta_gradient(name: str, network: str) -> None:
+def test_backends_give_the_loops_meta_gradient(name: str, network: str, backend: str) -> None:
     torch.manual_seed(0)
     if network == "mlp":
         model, tasks, problem = MLP(1, (32, 32), 1).double(), double_tasks(6), "regression"
     else:
         model, tasks, problem = CNN4(3, 1, image_size=16, hidden_size=8).double(), image_tasks(), "classification"
     loop_gradient, loop_loss = meta_gradient(ALGORITHMS[name](copy.deepcopy(model), "loop"), tasks, problem)
-    vmap_algorithm = ALGORITHMS[name](copy.deepcopy(model), "vmap")
-    vmap_gradient, vmap_loss = meta_gradient(vmap_algorithm, tasks, problem)
-    torch.testing.assert_close(vmap_loss, loop_loss, rtol=1e-5, atol=1e-10)
-    assert len(vmap_gradient) == len(loop_gradient)
-    for got, expected in zip(vmap_gradient, loop_gradient, strict=True):
+    gradient, loss = meta_gradient(ALGORITHMS[name](copy.deepcopy(model), backend), tasks, problem)
+    torch.testing.assert_close(loss, loop_loss, rtol=1e-5, atol=1e-10)
+    assert len(gradient) == len(loop_gradient)
+    for got, expected in zip(gradient, loop_gradient, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
-    assert any(g.abs().sum() > 0 for g in vmap_gradient)
+    assert any(g.abs().sum() > 0 for g in gradient)
 
 
 def test_batchnorm_statistics_stay_per_task() -> None:
@@ -70,9 +71,22 @@ def test_batchnorm_statistics_stay_per_task() -> None:
     torch.testing.assert_close(before, after)
 
 
+def test_threads_backend_restores_intra_op_threads_and_is_deterministic() -> None:
+    torch.manual_seed(0)
+    model, tasks = MLP(1, (32, 32), 1).double(), double_tasks(6)
+    threads = torch.get_num_threads()
+    first, _ = meta_gradient(MAML(copy.deepcopy(model), inner_lr=0.05, backend="threads"), tasks, "regression")
+    second, _ = meta_gradient(MAML(copy.deepcopy(model), inner_lr=0.05, backend="threads"), tasks, "regression")
+    assert torch.get_num_threads() == threads
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)  # summed in task order, whichever worker finished first
+
+
 def test_auto_backend_is_timed_and_recorded_on_the_run(job, tmp_path) -> None:
     train(job("experiment=smoke", "algorithm.backend=auto"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
-    assert run.data.tags["metalab.backend"] in ("loop", "vmap")
-    assert "loop" in run.data.tags["metalab.backend_probe"] and "vmap" in run.data.tags["metalab.backend_probe"]
+    assert run.data.tags["metalab.backend"] in ("loop", "vmap", "threads")
+    probe = run.data.tags["metalab.backend_probe"]
+    assert "loop" in probe and "vmap" in probe
+    assert ("threads" in probe) == (torch.get_num_threads() > 1)  # threads are tried only with threads to use

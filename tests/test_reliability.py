@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from metalab.reliability import DivergenceError
 from metalab.train import train
-from tests.conftest import BIN, run_cli
+from tests.conftest import BIN, compose_job, run_cli
 
 
 def test_divergence_stops_at_the_first_bad_step_and_fails_the_run(job, tmp_path: Path) -> None:
@@ -90,6 +90,23 @@ def test_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupte
     [uninterrupted] = reference_client.search_runs([reference_client.get_experiment_by_name("sinusoid").experiment_id])
     for name in ("meta_test/post_loss", "meta_test/pre_loss", "meta_val/post_loss"):
         assert run.data.metrics[name] == pytest.approx(uninterrupted.data.metrics[name], rel=1e-6), name
+
+
+def test_requeued_job_continues_the_run_it_began_in_its_output_folder(tmp_path: Path) -> None:
+    """``resume=auto`` (hardware=slurm sets it): a job restarted in its own output folder, as submitit requeues
+    it, continues the MLflow run begun there; a job in a fresh folder starts a new run."""
+    settings = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "experiment=smoke", "resume=auto",
+                "trainer.val_check_interval=5", "algorithm.backend=loop", "trainer.log_every_n_steps=1"]
+    train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=10"]))
+    train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=20"]))  # the requeued job goes on
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("sinusoid").experiment_id
+    [run] = client.search_runs([experiment])
+    assert run.info.status == "FINISHED" and run.data.tags["metalab.resumed_from"].endswith("last.ckpt")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "meta_train/loss")]
+    assert sorted(steps) == list(range(20))  # the second part continued at step 10, nothing logged twice
+    train(compose_job(tmp_path / "fresh", [*settings, "trainer.max_steps=5"]))
+    assert len(client.search_runs([experiment])) == 2
 
 
 def test_resume_of_an_unknown_run_is_one_line(tmp_path: Path) -> None:

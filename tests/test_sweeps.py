@@ -145,9 +145,14 @@ def test_slurm_hardware_builds_the_sbatch_submission(tmp_path: Path, monkeypatch
     assert [job[0] for job in submitted["jobs"]] == [["seed=0"], ["seed=1"]]
     sbatch = submitted["executor"]._executor._make_submission_file_text("python -m metalab.train", "uid")
     for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1", "#SBATCH --time=240",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --signal=USR2@120"):
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --nodes=1"):
         assert line in sbatch
     assert cfg.hardware.accelerator == "gpu"
+    assert cfg.resume == "auto"  # a requeued job continues its MLflow run (tests/test_reliability.py)
+    wide = compose_job(tmp_path / "wide", ["hardware=slurm", "hardware.devices=4", "hardware.strategy=ddp"])
+    launcher_settings = compose_with_hydra(wide, HydraConfig.get()).hydra.launcher
+    assert (launcher_settings.gpus_per_node, launcher_settings.tasks_per_node) == (4, 4)  # one task per GPU
     assert json.dumps(dict(submitted["executor"]._executor.parameters))  # plain, serialisable parameters
 
 

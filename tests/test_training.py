@@ -121,6 +121,13 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(job) -> Non
     assert first["meta_test/post_loss"] != other["meta_test/post_loss"]
 
 
+def test_sampling_workers_serve_the_same_task_stream(job) -> None:
+    """Meta-batches drawn by 2 worker processes, in turn, are the batches drawn in the training process."""
+    overrides = ["tracking=none", *SHORT, "trainer.max_steps=12", "trainer.val_check_interval=12",
+                 "algorithm.backend=loop"]
+    assert train(job(*overrides, "sampling_workers=2")) == train(job(*overrides, "sampling_workers=0"))
+
+
 def test_fomaml_learns_kanji_5way_1shot_well_above_chance(job, kanji_cache) -> None:
     """A short real run on the offline image family: CNN4 (32 channels) from scratch, 150 meta-iterations."""
     metrics = train(job("task=kanji", "model=cnn4", "algorithm=fomaml", *SHORT, f"task.cache_dir={kanji_cache}",

@@ -1,7 +1,10 @@
 """Quiet import of learn2learn's dependencies, without hiding real warnings."""
 
 import logging
+import logging.handlers
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 
 
@@ -41,3 +44,23 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+
+
+@contextmanager
+def held_back_trainer_banner() -> Iterator[None]:
+    """Hold the lines a ``Trainer`` prints when it is built ("GPU available: ...") until the block ends.
+
+    train.py checks the run against the Trainer (e.g. processes vs meta-batch) right after building it: a
+    run that fails a check prints its one error line alone; one that passes prints the lines as usual.
+    """
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    held = logging.handlers.BufferingHandler(capacity=10_000)
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(held)
+    try:
+        yield
+    finally:
+        logger.removeHandler(held)
+        logger.propagate = propagate
+    for record in held.buffer:  # reached only when the block succeeded
+        logger.handle(record)

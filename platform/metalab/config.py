@@ -21,9 +21,18 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING as OMEGACONF_MISSING
+from omegaconf import OmegaConf
 
 PRIMITIVES = (int, float, str, bool)
 OBJECT_GROUPS = ("algorithm", "task", "model", "tracking")
+
+
+def experiments_dir() -> Path:
+    """Paper reproductions, each an ``experiment=`` preset: ``$METALAB_EXPERIMENTS_DIR`` if set, else the
+    ``experiments/`` folder beside the config tree."""
+    if "METALAB_EXPERIMENTS_DIR" in os.environ:
+        return Path(os.environ["METALAB_EXPERIMENTS_DIR"]).resolve()
+    return config_dir().parent / "experiments"
 
 
 def config_dir() -> Path:
@@ -59,6 +68,8 @@ class HardwareConfig:
     accelerator: str = "cpu"
     devices: Any = 1  # a count, a list of indices or "auto", as Lightning takes it
     precision: str = "32-true"
+    strategy: str = "auto"  # "ddp": one process per device, the meta-batch's tasks split across them
+    num_nodes: int = 1
 
 
 @dataclass
@@ -72,6 +83,26 @@ class OptimizerConfig:
 
 
 @dataclass
+class ReproductionConfig:
+    """What a paper published for an ``experiments/`` preset, and how a run of the preset is judged.
+
+    ``metric`` of the run, times ``scale``, is in the published unit (accuracy 0.987 × 100 = 98.7 %). The
+    run is *within tolerance* when it differs from ``published`` by at most ``tolerance``, else *below* or
+    *above*. ``published: null`` marks a row without a published number (our own reference data).
+    """
+
+    source: str = OMEGACONF_MISSING  # authors, venue, table: where the number is printed
+    published: float | None = None
+    published_ci95: float | None = None  # the ± printed beside it, if any
+    tolerance: float = 1.0
+    metric: str = "meta_test/post_acc"
+    scale: float = 100.0
+    higher_is_better: bool = True
+    note: str = ""  # how this protocol differs from the paper's, if at all
+    smoke: list[str] = field(default_factory=list)  # overrides added by `metalab reproduce --budget smoke`
+
+
+@dataclass
 class MetalabConfig:
     algorithm: Any = MISSING
     task: Any = MISSING
@@ -82,8 +113,12 @@ class MetalabConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     seed: int = 0
     objective: str = "meta_val/post_loss"  # what a sweeper optimises (the last validation's value)
-    resume: str | None = None  # an MLflow run id: continue it from its last checkpoint
+    resume: str | None = None  # an MLflow run id: continue it from its last checkpoint; "auto": the run this
+    # job's output folder began, if any (a requeued SLURM job restarts there)
     checkpoint_every_n_steps: int = 0  # also checkpoint every n meta-iterations (0: at validations only)
+    sampling_workers: int = 0  # processes drawing training meta-batches ahead of the step (0: the training one)
+    test_curve_steps: int = 0  # also test after 1..n inner steps: meta_test/post_loss_step<k> (the MAML curve)
+    reproduction: ReproductionConfig | None = None  # set by experiments/ presets: the published number
 
 
 def _config_type(annotation: Any) -> Any:
@@ -121,10 +156,13 @@ def schema_for(target: str) -> type:
 
 
 def register_configs(root: Path | None = None) -> None:
-    """Store the top-level schema and one generated schema per option of the object groups."""
+    """Store the top-level schema, one generated schema per option of the object groups, and the paper
+    reproductions of ``experiments/`` as options of the ``experiment`` group."""
     root = root or config_dir()
     store = ConfigStore.instance()
     store.store(name="metalab_schema", node=MetalabConfig)
+    for preset in sorted(experiments_dir().glob("*.yaml")):
+        store.store(group="experiment", name=preset.stem, node=OmegaConf.load(preset), package="_global_")
     for group in OBJECT_GROUPS:
         for option in sorted((root / group).glob("*.yaml")):
             target = (yaml.safe_load(option.read_text()) or {}).get("_target_")

@@ -1,10 +1,18 @@
-"""The one exception type for bad input, and the one-line rendering of any error for the CLI."""
+"""The exception types for bad input, and the one-line rendering of any error for the CLI."""
 
 from __future__ import annotations
 
 
 class ConfigError(ValueError):
     """Bad configuration or input. The message names the config key and says how to fix it."""
+
+
+class DataMissingError(ConfigError):
+    """A data set is not where the config points. The message names the data set, the expected layout
+    and the key to set (``task.root``); ``metalab-train`` exits with :data:`DATA_MISSING_EXIT_CODE`."""
+
+
+DATA_MISSING_EXIT_CODE = 3  # 1: the run failed, 2: bad command line, 3: the data set is missing
 
 
 def one_line(error: BaseException) -> str:

@@ -18,10 +18,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from metalab._quiet import quiet_lightning
+from metalab._quiet import held_back_trainer_banner, quiet_lightning
 from metalab.config import config_dir, register_configs
-from metalab.errors import ConfigError, one_line
+from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, DataMissingError, one_line
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
 from metalab.reliability import InterruptCheckpoint
@@ -35,22 +36,37 @@ quiet_lightning()
 def train(cfg: DictConfig) -> dict[str, float]:
     """Meta-train and meta-test one configuration; return the last ``meta_val/*`` and the ``meta_test/*`` metrics."""
     tracking: Tracking = instantiate(cfg.tracking)
+    rank = rank_zero_only.rank  # 0, except in the processes Lightning's DDP launcher starts for the others
     try:
-        task, learner = build(cfg)
-        if cfg.resume:  # continue a run (killed, preempted) from its last checkpoint, into the same MLflow run
-            logger, output_dir, checkpoint = tracking.resume(cfg.resume)
+        task, learner = build(cfg, seed=cfg.seed + rank)
+        resume = cfg.resume
+        if resume == "auto":  # a requeued job restarts in its own output folder: continue the run begun there
+            resume = tracking.run_begun_in(Path(HydraConfig.get().runtime.output_dir))
+        if resume:  # continue a run (killed, preempted) from its last checkpoint, into the same MLflow run
+            output_dir, checkpoint = tracking.locate(resume)
         else:
             info = run_info(task)
-            logger, output_dir, checkpoint = tracking.start(cfg, info), info.output_dir, None
+            output_dir, checkpoint = info.output_dir, None
         folder = output_dir / "checkpoints"
         checkpoints = [ModelCheckpoint(dirpath=folder, save_last=True,
                                        every_n_train_steps=cfg.checkpoint_every_n_steps or None),
                        InterruptCheckpoint(folder)]
-        trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=logger or False,
-                             callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
-                             default_root_dir=output_dir,
-                             inference_mode=False,  # validation/test adapt with gradients
-                             check_val_every_n_epoch=None)  # training tasks are an endless stream
+        tracking.check()
+        with held_back_trainer_banner():  # a failed check prints its one line alone
+            trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=False,
+                                 callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
+                                 default_root_dir=output_dir,
+                                 inference_mode=False,  # validation/test adapt with gradients
+                                 use_distributed_sampler=False,  # every process evaluates every task: exact CIs
+                                 check_val_every_n_epoch=None)  # training tasks are an endless stream
+            check_distributed(trainer, task, learner)
+        if rank == 0:  # one MLflow run per job, never one per process
+            logger = tracking.resume(resume) if resume else tracking.start(cfg, info)
+            if logger is not None:
+                trainer.logger = logger
+                if trainer.world_size > 1:
+                    tracking.set_tags({"metalab.world_size": str(trainer.world_size), "metalab.rank_seeds": ", ".join(
+                        f"{r}:{cfg.seed + r}" for r in range(trainer.world_size))})
         trainer.fit(learner, datamodule=task, ckpt_path=checkpoint)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
                    if name.startswith("meta_val/")}  # the last validation: what sweeps optimise
@@ -61,15 +77,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tracking.finish("KILLED" if interrupted else "FAILED", error)
         raise
     tracking.finish("FINISHED")
-    report(metrics, task, tracking)
+    if rank == 0:
+        report(metrics, task, tracking)
     return metrics
 
 
-def build(cfg: DictConfig) -> tuple[TaskFamily, MetaLearner]:
-    """Instantiate the task family, model, algorithm and learner, checking they fit together."""
+def build(cfg: DictConfig, seed: int) -> tuple[TaskFamily, MetaLearner]:
+    """Instantiate the task family, model, algorithm and learner, checking they fit together.
+
+    ``seed`` seeds torch's generators (``cfg.seed`` + the process's rank); the task stream follows
+    ``cfg.seed`` alone, so every process of a distributed run draws the same meta-batches.
+    """
     require_accelerator(cfg.hardware.accelerator)
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    pl.seed_everything(seed, workers=True, verbose=False)
     task: TaskFamily = instantiate(cfg.task)
+    if cfg.sampling_workers < 0:
+        raise ConfigError(f"sampling_workers must be >= 0, got {cfg.sampling_workers}")
+    task.sampling_workers = cfg.sampling_workers
     task.prepare()
     model = instantiate(cfg.model)
     check_model_fits(model, task)
@@ -78,7 +102,29 @@ def build(cfg: DictConfig) -> tuple[TaskFamily, MetaLearner]:
         choices = HydraConfig.get().runtime.choices
         raise ConfigError(f"algorithm={choices.get('algorithm')} learns {' and '.join(algorithm.problems)} tasks "
                           f"only, and task={choices.get('task')} is {task.problem}: choose another algorithm or task")
-    return task, MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem)
+    train_ways = getattr(task, "train_ways", None)
+    if algorithm.one_output_per_way and train_ways is not None and train_ways != task.ways:
+        choices = HydraConfig.get().runtime.choices
+        raise ConfigError(f"task.train_ways={train_ways} differs from task.ways={task.ways}, but "
+                          f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: set "
+                          "task.train_ways=null, or use a metric-based algorithm (algorithm=protonet)")
+    return task, MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem,
+                             test_curve_steps=cfg.test_curve_steps)
+
+
+def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearner) -> None:
+    """With several processes, each adapts an equal share of the meta-batch and autograd all-reduces the
+    meta-gradient: the meta-batch must split evenly, and the algorithm's gradient must come from autograd."""
+    processes = trainer.world_size
+    if processes == 1:
+        return
+    if task.meta_batch_size % processes:
+        raise ConfigError(f"task.meta_batch_size={task.meta_batch_size} does not split over the {processes} "
+                          f"processes of this run: make it a multiple of {processes}")
+    if not learner.automatic_optimization:
+        choices = HydraConfig.get().runtime.choices
+        raise ConfigError(f"algorithm={choices.get('algorithm')} writes its meta-gradient itself, which DDP does not "
+                          "all-reduce: run it in one process (hardware=cpu or gpu)")
 
 
 def require_accelerator(accelerator: str) -> None:
@@ -136,7 +182,7 @@ def main(cfg: DictConfig) -> float:
         print(f"metalab: error: {one_line(error)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return float("nan")  # one failed job (its run FAILED) does not stop the sweep
-        raise SystemExit(1) from None
+        raise SystemExit(DATA_MISSING_EXIT_CODE if isinstance(error, DataMissingError) else 1) from None
     return metrics.get(cfg.objective, float("nan"))
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from metalab.algorithms.threaded import map_tasks, with_gradient
 from metalab.algorithms.vectorised import vmapped_query_predictions
 from metalab.errors import ConfigError
 
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from metalab.tasks.episodes import Episodes
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+TaskLosses = Callable[[list[Tensor] | Tensor, Tensor], Tensor]  # (predictions, targets) → each task's loss, (T,)
+BACKENDS = ("loop", "vmap", "threads", "auto")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class MetaAlgorithm(nn.Module, ABC):
 
     problems: tuple[str, ...] = ("regression", "classification")  # task kinds it can learn
     autograd_meta_gradient: bool = True
+    one_output_per_way: bool = True  # the model's head has ``ways`` outputs (not so for metric-based ones)
 
     @property
     @abstractmethod
@@ -59,6 +63,30 @@ class MetaAlgorithm(nn.Module, ABC):
         return [self.adapt(tasks.support_x[index], tasks.support_y[index], loss_fn, training)(tasks.query_x[index])
                 for index in range(len(tasks))]
 
+    def meta_loss(self, tasks: Episodes, loss_fn: LossFn, task_losses: TaskLosses) -> tuple[list[Tensor] | Tensor,
+                                                                                             Tensor]:
+        """The meta-batch's query predictions and the meta-objective, the mean of ``task_losses`` over
+        tasks, differentiable in the meta-parameters (what ``training_step`` returns to Lightning)."""
+        return self._task_by_task_meta_loss(tasks, loss_fn, task_losses, threaded=False)
+
+    def _task_by_task_meta_loss(self, tasks: Episodes, loss_fn: LossFn, task_losses: TaskLosses,
+                                threaded: bool) -> tuple[Tensor, Tensor]:
+        """Take each task's meta-gradient as soon as the task is adapted, so only one task's graph (per
+        worker thread) is alive at a time, as in the plain learn2learn loop (one ``backward()`` per task)."""
+        parameters = [p for p in self.parameters() if p.requires_grad]
+
+        def one_task(index: int) -> tuple[Tensor, Tensor, tuple[Tensor | None, ...]]:
+            learner = self.adapt(tasks.support_x[index], tasks.support_y[index], loss_fn, training=True)
+            prediction = learner(tasks.query_x[index])
+            loss = loss_fn(prediction, tasks.query_y[index])  # one task's term of task_losses
+            gradient = torch.autograd.grad(loss, parameters, allow_unused=True)  # frees this task's graph
+            return prediction.detach(), loss.detach(), gradient
+
+        predictions, losses, gradients = zip(*map_tasks(one_task, len(tasks), threaded), strict=True)
+        mean_gradient = [torch.stack(used).sum(0) / len(tasks) if (used := [g for g in per_task if g is not None])
+                         else None for per_task in zip(*gradients, strict=True)]
+        return torch.stack(predictions), with_gradient(torch.stack(losses).mean(), parameters, mean_gradient)
+
     def write_meta_gradient(self, tasks: Episodes, loss_fn: LossFn) -> list[Tensor]:
         """Set ``.grad`` of the meta-parameters for one meta-batch; return each task's query predictions
         by its adapted learner (for logging the same metrics as every algorithm)."""
@@ -74,9 +102,11 @@ class GradientBasedAlgorithm(MetaAlgorithm):
     inner-loop backend.
 
     ``backend``: ``loop`` adapts one task after another with learn2learn's ``clone()/adapt()``;
-    ``vmap`` adapts the whole meta-batch at once with ``torch.func`` (:mod:`.vectorised`); ``auto``
-    times both on the first meta-batch (forward and backward, best of two after a warm-up) and keeps the
-    faster, which the MLflow run records as the tag ``metalab.backend``.
+    ``vmap`` adapts the whole meta-batch at once with ``torch.func`` (:mod:`.vectorised`); ``threads``
+    runs the loop's per-task work on CPU threads, one task per worker (:mod:`.threaded`); ``auto``
+    times them on the first meta-batch (forward and backward, best of two after a warm-up; ``threads``
+    only on a CPU with more than one thread) and keeps the fastest, which the MLflow run records as the
+    tag ``metalab.backend``.
     """
 
     def __init__(self, inner_lr: float, inner_steps: int, eval_inner_steps: int | None, backend: str) -> None:
@@ -87,8 +117,8 @@ class GradientBasedAlgorithm(MetaAlgorithm):
             raise ConfigError(f"algorithm.inner_steps must be >= 1, got {inner_steps}")
         if eval_inner_steps is not None and eval_inner_steps < 1:
             raise ConfigError(f"algorithm.eval_inner_steps must be >= 1 or null, got {eval_inner_steps}")
-        if backend not in ("loop", "vmap", "auto"):
-            raise ConfigError(f"algorithm.backend must be loop, vmap or auto, got {backend!r}")
+        if backend not in BACKENDS:
+            raise ConfigError(f"algorithm.backend must be {', '.join(BACKENDS[:-1])} or auto, got {backend!r}")
         self.inner_steps = inner_steps
         self.eval_inner_steps = inner_steps if eval_inner_steps is None else eval_inner_steps
         self.backend = backend
@@ -111,11 +141,25 @@ class GradientBasedAlgorithm(MetaAlgorithm):
         """For the vectorised backend: the network, ``{adapted parameter name: step size}``, first order."""
 
     def query_predictions(self, tasks: Episodes, loss_fn: LossFn, training: bool) -> list[Tensor] | Tensor:
-        if self.chosen_backend is None:
-            self.chosen_backend = self._probe(tasks, loss_fn)
         if self.chosen_backend == "vmap":
             return self._vmapped(tasks, loss_fn, training)
-        return super().query_predictions(tasks, loss_fn, training)
+
+        def predict(index: int) -> Tensor:
+            return self.adapt(tasks.support_x[index], tasks.support_y[index], loss_fn, training)(tasks.query_x[index])
+
+        # threads only where no graph must survive the workers (evaluation); meta_loss threads training
+        return map_tasks(predict, len(tasks), threaded=self.chosen_backend == "threads" and not training)
+
+    def meta_loss(self, tasks: Episodes, loss_fn: LossFn, task_losses: TaskLosses) -> tuple[list[Tensor] | Tensor,
+                                                                                             Tensor]:
+        """``loop`` and ``threads`` go task by task (one task's graph alive at a time); ``vmap``
+        differentiates the whole meta-batch at once."""
+        if self.chosen_backend is None:
+            self.chosen_backend = self._probe(tasks, loss_fn, task_losses)
+        if self.chosen_backend == "vmap":
+            predictions = self._vmapped(tasks, loss_fn, training=True)
+            return predictions, task_losses(predictions, tasks.query_y).mean()
+        return self._task_by_task_meta_loss(tasks, loss_fn, task_losses, threaded=self.chosen_backend == "threads")
 
     def _vmapped(self, tasks: Episodes, loss_fn: LossFn, training: bool) -> Tensor:
         network, adapted, first_order = self.vmap_spec()
@@ -123,16 +167,19 @@ class GradientBasedAlgorithm(MetaAlgorithm):
                                          self.inner_steps if training else self.eval_inner_steps,
                                          first_order or not training)
 
-    def _probe(self, tasks: Episodes, loss_fn: LossFn) -> str:
-        """Time one meta-gradient with each backend on this meta-batch; return the faster."""
+    def _probe(self, tasks: Episodes, loss_fn: LossFn, task_losses: TaskLosses) -> str:
+        """Time one meta-gradient with each backend on this meta-batch; return the fastest."""
         parameters = [p for p in self.parameters() if p.requires_grad]
-        for backend in ("loop", "vmap", "loop", "vmap", "loop", "vmap"):  # the first round warms up
+        candidates = ["loop", "vmap"]
+        if tasks.support_x.device.type == "cpu" and torch.get_num_threads() > 1:
+            candidates.append("threads")
+        for backend in candidates * 3:  # the first round warms up
             self.chosen_backend = backend
             start = time.perf_counter()
-            predictions = self.query_predictions(tasks, loss_fn, training=True)
-            loss = sum(loss_fn(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)) / len(tasks)
+            _, loss = self.meta_loss(tasks, loss_fn, task_losses)
             torch.autograd.grad(loss, parameters, allow_unused=True)  # leaves .grad untouched
             seconds = time.perf_counter() - start
             self.probe_seconds[backend] = min(seconds, self.probe_seconds.get(backend, seconds))
-        # vmap must win by more than noise (5%) to replace the reference loop
-        return "vmap" if self.probe_seconds["vmap"] < 0.95 * self.probe_seconds["loop"] else "loop"
+        # another backend must beat the reference loop by more than noise (5%) to replace it
+        fastest = min(candidates, key=self.probe_seconds.__getitem__)
+        return fastest if self.probe_seconds[fastest] < 0.95 * self.probe_seconds["loop"] else "loop"

@@ -23,6 +23,7 @@ class ProtoNet(MetaAlgorithm):
     """
 
     problems = ("classification",)
+    one_output_per_way = False  # prototypes, not a head: any number of ways, in training and test alike
 
     def __init__(self, model: nn.Module, distance: Literal["euclidean", "cosine"] = "euclidean",
                  temperature: float = 10.0) -> None:

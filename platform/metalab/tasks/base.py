@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from metalab.errors import ConfigError
 from metalab.tasks.episodes import Episodes
@@ -50,10 +50,22 @@ class TaskFamily(pl.LightningDataModule):
     def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
         """Draw ``num_tasks`` tasks of ``split`` ("train", "val" or "test") using ``generator`` only."""
 
+    sampling_workers: int = 0  # processes drawing training meta-batches ahead of the step (0: this one)
+
     def train_dataloader(self) -> DataLoader:
         # A resumed fit continues the stream where the checkpoint left it: batch i is the same either way.
         start = self.trainer.global_step if self.trainer is not None else 0
-        return DataLoader(_EndlessMetaBatches(self, self.seed, start), batch_size=None)
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        workers = self.sampling_workers
+        return DataLoader(_EndlessMetaBatches(self, self.seed, start, rank, world_size), batch_size=None,
+                          num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
+
+    def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
+        """Move the episodes' four tensors directly. Lightning's generic walk over a dataclass (deep copies
+        included) cost ~0.5 ms a step: a tenth of a sinusoid meta-iteration with ``backend=vmap``."""
+        if isinstance(batch, Episodes):
+            return batch.to(device, non_blocking=device.type == "cuda")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def val_dataloader(self) -> DataLoader:
         return self._fixed_loader("val", self.val_tasks, offset=1)
@@ -70,15 +82,25 @@ class TaskFamily(pl.LightningDataModule):
 
 class _EndlessMetaBatches(IterableDataset):
     """Fresh meta-batches of training tasks; batch ``i`` is drawn from a generator seeded by (seed, i),
-    so the stream can start at any batch (resuming) and still match an uninterrupted run."""
+    so the stream can start at any batch (resuming) and still match an uninterrupted run. With ``n``
+    DataLoader workers, worker ``w`` draws batches ``w, w + n, ...`` and the DataLoader takes them in
+    turn: the same stream as without workers. In distributed training, process ``rank`` of ``world_size``
+    gets its contiguous share of each meta-batch."""
 
-    def __init__(self, family: TaskFamily, seed: int, start: int = 0) -> None:
+    def __init__(self, family: TaskFamily, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.family = family
         self.seed = seed
         self.start = start
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[Episodes]:
-        for index in itertools.count(self.start):
+        worker = get_worker_info()
+        offset, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for index in itertools.count(self.start + offset, stride):
             state = np.random.SeedSequence([self.seed, index]).generate_state(2, np.uint64)[0]
             generator = torch.Generator().manual_seed(int(state) & (2**63 - 1))
-            yield self.family.sample(self.family.meta_batch_size, generator, "train")
+            batch = self.family.sample(self.family.meta_batch_size, generator, "train")
+            if self.world_size > 1:  # distributed: every process draws the meta-batch, adapts its share
+                share = len(batch) // self.world_size
+                batch = batch[self.rank * share:(self.rank + 1) * share]
+            yield batch

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, DataMissingError
 from metalab.tasks.image_files import IMAGE_SUFFIXES, stack_classes
 from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
 
@@ -26,9 +26,10 @@ class ImageFolder(ImageClassFamily):
     def __init__(self, root: str, split_file: str | None = None, image_size: int = 84,
                  channels: int = 3, ways: int = 5, shots: int = 1, queries: int = 15, meta_batch_size: int = 4,
                  val_tasks: int = 100, test_tasks: int = 600, eval_batch_size: int = 20, seed: int = 0,
-                 eval_seed: int = 1) -> None:
+                 eval_seed: int = 1,
+                 train_ways: int | None = None, train_queries: int | None = None) -> None:
         super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels)
+                         eval_seed, channels, train_ways, train_queries)
         self.root = Path(root).expanduser()
         self.split_file = Path(split_file).expanduser() if split_file else self.root / "split.yaml"
         self.image_size = image_size
@@ -38,7 +39,7 @@ class ImageFolder(ImageClassFamily):
     def classes_by_split(self) -> dict[str, list[str]]:
         if self._classes is None:
             if not self.root.is_dir():
-                raise ConfigError(f"task.root={self.root} is not a folder: expected {LAYOUT}")
+                raise DataMissingError(f"task.root={self.root} is not a folder: expected {LAYOUT}")
             if not self.split_file.is_file():
                 raise ConfigError(f"split file {self.split_file} not found: set task.split_file; expected {LAYOUT}")
             try:

@@ -31,7 +31,9 @@ class LabelledImages:
 
 class ImageClassFamily(TaskFamily):
     """Few-shot classification: each task draws ``ways`` classes of a split, ``shots`` support and
-    ``queries`` query images per class, labels remapped to 0..ways−1.
+    ``queries`` query images per class, labels remapped to 0..ways−1. ``train_ways`` and
+    ``train_queries`` (``None``: the same) set other episodes for meta-training, as Prototypical Networks
+    train with more ways than they test (Snell et al. 2017, §3.1).
 
     Subclasses load the data (:meth:`load_split`); episodes are built with learn2learn's
     ``MetaDataset``/``Taskset`` and its ``NWays``, ``KShots``, ``LoadData``, ``RemapLabels`` transforms.
@@ -42,14 +44,17 @@ class ImageClassFamily(TaskFamily):
     problem = "classification"
 
     def __init__(self, ways: int, shots: int, queries: int, meta_batch_size: int, val_tasks: int,
-                 test_tasks: int, eval_batch_size: int, seed: int, eval_seed: int, channels: int) -> None:
+                 test_tasks: int, eval_batch_size: int, seed: int, eval_seed: int, channels: int,
+                 train_ways: int | None = None, train_queries: int | None = None) -> None:
         super().__init__(meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed, eval_seed)
-        for key, value in {"ways": ways, "shots": shots, "queries": queries}.items():
-            if value < 1:
+        for key, value in {"ways": ways, "shots": shots, "queries": queries, "train_ways": train_ways,
+                           "train_queries": train_queries}.items():
+            if value is not None and value < 1:
                 raise ConfigError(f"task.{key} must be >= 1, got {value}")
         if channels not in (1, 3):
             raise ConfigError(f"task.channels must be 1 (grey) or 3 (RGB), got {channels}")
         self.ways, self.shots, self.queries, self.channels = ways, shots, queries, channels
+        self.train_ways, self.train_queries = train_ways or ways, train_queries or queries
         self._tasksets: dict[str, l2l.data.Taskset] = {}
 
     @abstractmethod
@@ -70,42 +75,50 @@ class ImageClassFamily(TaskFamily):
                 raise ConfigError(f"{where}cannot read {error.filename} ({error.strerror}): check the path and its "
                                   "permissions") from None
             self._check_enough(split, data)
+            ways, queries = self.episode(split)
             dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
-            transforms = [l2l.data.transforms.NWays(dataset, self.ways),
-                          l2l.data.transforms.KShots(dataset, self.shots + self.queries),
+            transforms = [l2l.data.transforms.NWays(dataset, ways),
+                          l2l.data.transforms.KShots(dataset, self.shots + queries),
                           l2l.data.transforms.LoadData(dataset),
                           l2l.data.transforms.RemapLabels(dataset)]
             self._tasksets[split] = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=-1)
         return self._tasksets[split]
 
+    def episode(self, split: str) -> tuple[int, int]:
+        """Ways and queries per class of ``split``'s episodes."""
+        return (self.train_ways, self.train_queries) if split == "train" else (self.ways, self.queries)
+
     def _check_enough(self, split: str, data: LabelledImages) -> None:
+        ways, queries = self.episode(split)
+        prefix = "train_" if split == "train" and (ways, queries) != (self.ways, self.queries) else ""
         classes = len(data.class_names)
-        if classes < self.ways:
-            raise ConfigError(f"task.ways={self.ways} but the {split} split of {self.name} has only {classes} "
-                              f"classes: lower task.ways")
+        if classes < ways:
+            raise ConfigError(f"task.{prefix}ways={ways} but the {split} split of {self.name} has only {classes} "
+                              f"classes: lower task.{prefix}ways")
         fewest = int(data.samples_per_class().min())
-        if fewest < self.shots + self.queries:
-            raise ConfigError(f"task.shots + task.queries = {self.shots + self.queries} but a {split} class of "
-                              f"{self.name} has only {fewest} images: lower task.shots or task.queries")
+        if fewest < self.shots + queries:
+            raise ConfigError(f"task.shots + task.{prefix}queries = {self.shots + queries} but a {split} class of "
+                              f"{self.name} has only {fewest} images: lower task.shots or task.{prefix}queries")
 
     def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
         taskset = self.taskset(split)
         state = random.getstate()
         random.seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         try:
-            tasks = [self._split_support_query(*taskset.sample()) for _ in range(num_tasks)]
+            tasks = [self._split_support_query(*taskset.sample(), *self.episode(split)) for _ in range(num_tasks)]
         finally:
             random.setstate(state)
         return Episodes(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))
 
-    def _split_support_query(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _split_support_query(self, images: torch.Tensor, labels: torch.Tensor, ways: int,
+                             queries: int) -> tuple[torch.Tensor, ...]:
         """Sort by class; the first ``shots`` images of each class are support, the rest query."""
         order = torch.argsort(labels, stable=True)
         images = images[order].float().div_(255)
         if images.shape[1] != self.channels:  # grey ↔ RGB as the model expects
             images = images.expand(-1, 3, -1, -1) if self.channels == 3 else images.mean(1, keepdim=True)
-        images = images.reshape(self.ways, self.shots + self.queries, *images.shape[1:])
-        labels = labels[order].reshape(self.ways, self.shots + self.queries)
+        images = images.reshape(ways, self.shots + queries, *images.shape[1:])
+        labels = labels[order].reshape(ways, self.shots + queries)
         support = images[:, :self.shots].flatten(0, 1), labels[:, :self.shots].flatten()
         query = images[:, self.shots:].flatten(0, 1), labels[:, self.shots:].flatten()
         return support[0], support[1], query[0], query[1]

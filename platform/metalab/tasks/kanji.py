@@ -126,9 +126,10 @@ class KanjiHandwriting(ImageClassFamily):
                  split_seed: int = 0,
                  variation: float = 1.0, cache_dir: str | None = None,
                  meta_batch_size: int = 16, val_tasks: int = 100, test_tasks: int = 600, eval_batch_size: int = 50,
-                 seed: int = 0, eval_seed: int = 1) -> None:
+                 seed: int = 0, eval_seed: int = 1,
+                 train_ways: int | None = None, train_queries: int | None = None) -> None:
         super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels)
+                         eval_seed, channels, train_ways, train_queries)
         if image_size < 8 or drawers < 1 or num_classes < 3 or variation < 0:
             raise ConfigError(f"task.image_size >= 8, task.drawers >= 1, task.num_classes >= 3 and task.variation "
                               f">= 0 are needed; got {image_size}, {drawers}, {num_classes}, {variation}")

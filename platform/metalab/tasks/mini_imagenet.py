@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, DataMissingError
 from metalab.tasks.image_files import stack_classes
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 
@@ -30,9 +30,10 @@ class MiniImageNet(ImageClassFamily):
 
     def __init__(self, root: str = "data/mini-imagenet", image_size: int = 84, channels: int = 3, ways: int = 5,
                  shots: int = 1, queries: int = 15, meta_batch_size: int = 4, val_tasks: int = 100,
-                 test_tasks: int = 600, eval_batch_size: int = 20, seed: int = 0, eval_seed: int = 1) -> None:
+                 test_tasks: int = 600, eval_batch_size: int = 20, seed: int = 0, eval_seed: int = 1,
+                 train_ways: int | None = None, train_queries: int | None = None) -> None:
         super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels)
+                         eval_seed, channels, train_ways, train_queries)
         self.root, self.image_size = Path(root).expanduser(), image_size
         self._splits: dict[str, LabelledImages] = {}
 
@@ -45,7 +46,7 @@ class MiniImageNet(ImageClassFamily):
             elif listed.is_file():
                 self._splits[split] = self._from_csv(listed)
             else:
-                raise ConfigError(f"mini-ImageNet's {split} split not found under task.root={self.root} (tried "
+                raise DataMissingError(f"mini-ImageNet's {split} split not found under task.root={self.root} (tried "
                                   f"{pickled} and {listed}): expected {LAYOUT}; set task.root to that folder")
         return self._splits[split]
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, DataMissingError
 from metalab.tasks.image_files import stack_classes
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 
@@ -63,9 +63,10 @@ class Omniglot(ImageClassFamily):
     def __init__(self, root: str = "data/omniglot", split: Literal["lake", "vinyals"] = "vinyals",
                  val_classes: int = 172, rotations: bool = False, image_size: int = 28, channels: int = 1,
                  ways: int = 5, shots: int = 1, queries: int = 15, meta_batch_size: int = 32, val_tasks: int = 100,
-                 test_tasks: int = 600, eval_batch_size: int = 50, seed: int = 0, eval_seed: int = 1) -> None:
+                 test_tasks: int = 600, eval_batch_size: int = 50, seed: int = 0, eval_seed: int = 1,
+                 train_ways: int | None = None, train_queries: int | None = None) -> None:
         super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels)
+                         eval_seed, channels, train_ways, train_queries)
         if split not in ("lake", "vinyals"):
             raise ConfigError(f"task.split must be lake or vinyals, got {split!r}")
         if val_classes < 1:
@@ -84,7 +85,7 @@ class Omniglot(ImageClassFamily):
         if not background or not evaluation:
             missing = " and ".join(part for part, found in zip(PARTS, (background, evaluation), strict=True)
                                    if not found)
-            raise ConfigError(f"Omniglot's {missing} not found under task.root={self.root} (resolved "
+            raise DataMissingError(f"Omniglot's {missing} not found under task.root={self.root} (resolved "
                               f"{self.root.resolve()}): expected {LAYOUT}; set task.root to that folder")
         if self.split == "lake":
             train, test = background, evaluation

@@ -30,9 +30,23 @@ class Tracking(ABC):
     def start(self, cfg: DictConfig, info: RunInfo) -> Logger | None:
         """Open the run for this job and record its configuration; return Lightning's logger for it."""
 
-    def resume(self, run_id: str) -> tuple[Logger, Path, Path]:
-        """Reopen run ``run_id``: its logger, its output folder, and the checkpoint to continue from."""
+    def check(self) -> None:  # noqa: B027 (nothing to check is a valid default)
+        """Fail in seconds, before training, if runs cannot be recorded (ConfigError)."""
+
+    def locate(self, run_id: str) -> tuple[Path, Path]:
+        """Run ``run_id``'s output folder and the checkpoint to continue from (reads only)."""
         raise ConfigError(f"resume={run_id} needs tracking=mlflow (the run and its checkpoint are found there)")
+
+    def resume(self, run_id: str) -> Logger:
+        """Reopen run ``run_id`` and return Lightning's logger for it."""
+        raise ConfigError(f"resume={run_id} needs tracking=mlflow (the run and its checkpoint are found there)")
+
+    def run_begun_in(self, output_dir: Path) -> str | None:
+        """The run a job started in ``output_dir`` before (``resume=auto``), if any."""
+        return None
+
+    def set_tags(self, tags: dict[str, str]) -> None:  # noqa: B027 (recording nothing is a valid default)
+        """Add tags to the open run."""
 
     @abstractmethod
     def finish(self, status: str, error: BaseException | None = None) -> None:

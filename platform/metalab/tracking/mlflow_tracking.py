@@ -23,6 +23,7 @@ from metalab.tracking.base import RunInfo, Tracking
 from metalab.tracking.git import git_state
 
 MAX_TAG_LENGTH = 5000
+RUN_ID_FILE = "mlflow_run_id"  # written into the job's output folder when its run starts
 
 
 def source_tags() -> dict[str, str]:
@@ -70,16 +71,21 @@ class MLflowTracking(Tracking):
         """Opened on first use: a run that fails its checks before training never touches the store."""
         return MlflowClient(self.tracking_uri)
 
+    def check(self) -> None:
+        require_reachable(self.tracking_uri)
+
     def start(self, cfg: DictConfig, info: RunInfo) -> MLFlowLogger:
         require_reachable(self.tracking_uri)
         tags = {"metalab.output_dir": str(info.output_dir),
                 "metalab.checkpoint_dir": str(info.output_dir / "checkpoints")}
         self._create_run(info.experiment_name, info.run_name, info.choices, tags)
         self._log_config(cfg, info)
+        info.output_dir.mkdir(parents=True, exist_ok=True)
+        (info.output_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n")  # for resume=auto after a requeue
         # Asynchronous: a metric write never blocks a training step (flushed in finish()).
         return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, synchronous=False)
 
-    def resume(self, run_id: str) -> tuple[MLFlowLogger, Path, Path]:
+    def locate(self, run_id: str) -> tuple[Path, Path]:
         require_reachable(self.tracking_uri)
         try:
             run = self.client.get_run(run_id)
@@ -90,13 +96,28 @@ class MLflowTracking(Tracking):
         if not checkpoint.is_file():
             raise ConfigError(f"resume={run_id}: {checkpoint} does not exist (the run saved no checkpoint before it "
                               "stopped): start a new run")
+        return Path(run.data.tags["metalab.output_dir"]), checkpoint
+
+    def resume(self, run_id: str) -> MLFlowLogger:
+        _, checkpoint = self.locate(run_id)
+        run = self.client.get_run(run_id)
         self.run_id = run_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "metalab.resumed_from", str(checkpoint))
         # Steps logged after the checkpoint (before the run died) are not logged twice.
         logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
-        logger = ResumedMLFlowLogger(logged, tracking_uri=self.tracking_uri, run_id=run_id, synchronous=False)
-        return logger, Path(run.data.tags["metalab.output_dir"]), checkpoint
+        return ResumedMLFlowLogger(logged, tracking_uri=self.tracking_uri, run_id=run_id, synchronous=False)
+
+    def run_begun_in(self, output_dir: Path) -> str | None:
+        """The id ``start`` wrote into ``output_dir``, if its run saved a checkpoint to continue from."""
+        marker = output_dir / RUN_ID_FILE
+        if not marker.is_file() or not (output_dir / "checkpoints" / "last.ckpt").is_file():
+            return None
+        return marker.read_text().strip() or None
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value[:MAX_TAG_LENGTH])
 
     def _create_run(self, experiment_name: str, run_name: str, choices: dict[str, str], tags: dict[str, str]) -> None:
         """A run in the sweep's experiment, nested under its parent, or in ``experiment_name`` alone."""

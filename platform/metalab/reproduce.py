@@ -1,0 +1,205 @@
+"""``metalab reproduce NAME|all``: run a paper's preset from ``experiments/`` and state the gap to the paper.
+
+Each preset is an ``experiment=`` option whose ``reproduction`` block holds the published number, its ±,
+the source and the tolerance (:class:`metalab.config.ReproductionConfig`). For each preset this runs
+``metalab-train experiment=NAME`` (``--budget smoke``: two meta-iterations and a few test tasks, to check
+the plumbing), or with ``--from-mlflow`` reads the latest finished run of it at the same settings, then
+prints one row: the paper's number ±, ours (mean ± 95% CI over the test tasks), the difference and the
+verdict. The verdict, difference and table are also recorded on the run (tags ``metalab.reproduction.*``
+and the artifact ``reproduction.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from metalab.config import config_dir, experiments_dir, register_configs
+from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError
+from metalab.overrides import describe
+
+SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "task.meta_batch_size=2",
+         "task.val_tasks=2", "task.test_tasks=4", "task.eval_batch_size=2"]
+BUDGETS = ("paper", "smoke")
+
+
+@dataclass
+class Row:
+    """One line of the reproduction table."""
+
+    name: str
+    source: str
+    published: float | None
+    published_ci95: float | None
+    tolerance: float
+    ours: float | None = None
+    ours_ci95: float | None = None
+    run_id: str | None = None
+    problem: str | None = None  # why there is no number of ours (the data is missing, the run failed)
+    data_missing: bool = False
+    curve: list[float] | None = None  # ours after 1, 2, … inner steps, when the preset logs that curve
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.ours is None or self.published is None else self.ours - self.published
+
+    @property
+    def verdict(self) -> str:
+        if self.ours is None:
+            return "no data" if self.data_missing else "not run"
+        return verdict(self.ours, self.published, self.tolerance)
+
+
+def verdict(ours: float, published: float | None, tolerance: float) -> str:
+    """``within tolerance`` when ``|ours − published| ≤ tolerance``, else ``below`` or ``above``."""
+    if published is None:
+        return "no published number"
+    difference = ours - published
+    if abs(difference) <= tolerance:
+        return "within tolerance"
+    return "below" if difference < 0 else "above"
+
+
+def preset_names() -> list[str]:
+    return sorted(path.stem for path in experiments_dir().glob("*.yaml"))
+
+
+def compose_preset(name: str, overrides: list[str]) -> DictConfig:
+    """The job config of preset ``name`` with ``overrides``; ConfigError naming the problem if it does not compose."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        try:
+            cfg = compose("config", overrides=[f"experiment={name}", *overrides])
+        except Exception as error:  # any composition failure is one line
+            raise ConfigError(f"{name}: {describe(error)}") from None
+    if cfg.get("reproduction") is None:
+        raise ConfigError(f"experiment={name} has no reproduction block: add one (see experiments/README.md)")
+    return cfg
+
+
+def run_preset(name: str, overrides: list[str]) -> tuple[int, str]:
+    """Train and test the preset in its own process (its output streams to this terminal); return the exit
+    status and the error line it printed, if any."""
+    command = [sys.executable, "-m", "metalab.train", f"experiment={name}", *overrides]
+    process = subprocess.run(command, stderr=subprocess.PIPE, text=True)
+    errors = [line for line in process.stderr.splitlines() if line.startswith("metalab: error: ")]
+    if process.returncode and not errors:  # not one of ours: show what it printed
+        sys.stderr.write(process.stderr)
+    return process.returncode, errors[-1].removeprefix("metalab: error: ") if errors else ""
+
+
+def latest_run(client: MlflowClient, name: str, cfg: DictConfig) -> Run | None:
+    """The newest FINISHED run of preset ``name`` trained for as many steps as ``cfg`` says."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return None
+    runs = client.search_runs(experiments, filter_string=f"tags.`metalab.experiment` = '{name}' and "
+                              f"attributes.status = 'FINISHED' and "
+                              f"params.`trainer.max_steps` = '{cfg.trainer.max_steps}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = None,
+              from_mlflow: bool = False) -> Row:
+    """Run (or read) preset ``name`` and return its row; the row is also recorded on the run."""
+    if name not in preset_names():
+        raise ConfigError(f"no reproduction named {name!r}: choose one of {', '.join(preset_names())} or all")
+    if budget not in BUDGETS:
+        raise ConfigError(f"--budget must be paper or smoke, got {budget!r}")
+    args = [*(SMOKE if budget == "smoke" else []), *(overrides or [])]
+    cfg = compose_preset(name, args)
+    if budget == "smoke":
+        args = [*args[:len(SMOKE)], *cfg.reproduction.smoke, *args[len(SMOKE):]]  # the user's overrides win
+        cfg = compose_preset(name, args)
+    spec = cfg.reproduction
+    row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance)
+    if not from_mlflow:
+        status, error = run_preset(name, args)
+        if status:
+            row.problem, row.data_missing = error or f"exit status {status}", status == DATA_MISSING_EXIT_CODE
+            return row
+    client = MlflowClient(str(cfg.tracking.get("tracking_uri") or "sqlite:///mlflow.db"))
+    run = latest_run(client, name, cfg)
+    if run is None:
+        row.problem = (f"no finished run of {name} with trainer.max_steps={cfg.trainer.max_steps} in "
+                       f"{client.tracking_uri}: run `metalab reproduce {name}` first")
+        return row
+    metrics = run.data.metrics
+    row.run_id = run.info.run_id
+    if spec.metric not in metrics:
+        row.problem = f"run {row.run_id} has no metric {spec.metric}"
+        return row
+    row.ours = metrics[spec.metric] * spec.scale
+    row.ours_ci95 = metrics.get(f"{spec.metric}_ci95", math.nan) * spec.scale
+    steps = int(cfg.get("test_curve_steps") or 0)
+    if steps:
+        row.curve = [metrics.get(f"{spec.metric}_step{k}", math.nan) * spec.scale for k in range(1, steps + 1)]
+    record(client, row)
+    return row
+
+
+def record(client: MlflowClient, row: Row) -> None:
+    """Put the verdict on the run: tags and a one-row ``reproduction.md``."""
+    tags = {"metalab.reproduction.verdict": row.verdict, "metalab.reproduction.ours": f"{row.ours:.4g}"}
+    if row.difference is not None:
+        tags["metalab.reproduction.difference"] = f"{row.difference:+.4g}"
+    for key, value in tags.items():
+        client.set_tag(row.run_id, key, value)
+    client.log_text(row.run_id, markdown([row]), "reproduction.md")
+
+
+def _number(value: float | None, ci95: float | None = None) -> str:
+    if value is None or math.isnan(value):
+        return "–"
+    if ci95 is None or math.isnan(ci95):
+        return f"{value:.4g}"
+    return f"{value:.4g} ± {ci95:.2g}"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| reproduction | paper | ours (95% CI) | difference | tolerance | verdict |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        difference = "–" if row.difference is None else f"{row.difference:+.3g}"
+        lines.append(f"| {row.name} | {_number(row.published, row.published_ci95)} | "
+                     f"{_number(row.ours, row.ours_ci95)} | {difference} | ±{row.tolerance:g} | {row.verdict} |")
+    notes = [f"- {row.name}: {row.problem}" for row in rows if row.problem]
+    notes += [f"- {row.name}: after 1…{len(row.curve)} inner steps: " + ", ".join(f"{v:.4g}" for v in row.curve)
+              for row in rows if row.curve]
+    sources = [f"- {row.name}: {row.source}" for row in rows]
+    return "\n".join([*lines, "", *notes, *([""] if notes else []), "Sources:", *sources]) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help=f"a preset of {experiments_dir()} (without .yaml), or all")
+    parser.add_argument("--budget", choices=BUDGETS, default="paper",
+                        help="paper: the paper's iterations and test tasks (default); smoke: a two-step plumbing check")
+    parser.add_argument("--from-mlflow", action="store_true",
+                        help="read the latest finished run of each preset instead of training")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every preset, e.g. task.root=/data/omniglot")
+
+
+def run(arguments: argparse.Namespace) -> None:
+    names = preset_names() if arguments.name == "all" else [arguments.name]
+    rows = [reproduce(name, arguments.budget, arguments.overrides, arguments.from_mlflow) for name in names]
+    table = markdown(rows)
+    print(f"\n{table}", end="")
+    if arguments.out:
+        arguments.out.write_text(table)
+    if len(rows) == 1 and rows[0].problem:
+        raise ConfigError(f"{rows[0].name}: {rows[0].problem}")
+    failed = [row.name for row in rows if row.problem and not row.data_missing]
+    if failed:  # presets without their data on this machine are listed, not failures
+        raise ConfigError(f"{len(failed)} reproduction(s) did not finish: {', '.join(failed)} (see above)")

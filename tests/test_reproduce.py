@@ -1,0 +1,140 @@
+"""Paper reproductions: every preset composes, `metalab reproduce` runs end to end, and the verdict logic."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+
+from metalab.config import experiments_dir
+from metalab.reproduce import Row, markdown, preset_names, verdict
+from tests import fake_datasets
+from tests.conftest import BIN
+
+PRESETS = preset_names()
+
+
+def reproduce_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")}
+    return subprocess.run([str(BIN / "metalab"), "reproduce", *args], cwd=cwd, env=environment, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_the_issue_s_reproductions_are_all_there() -> None:
+    for name in ["maml_omniglot_5w1s", "maml_omniglot_5w5s", "maml_omniglot_20w1s", "maml_omniglot_20w5s",
+                 "maml_miniimagenet_5w1s", "maml_miniimagenet_5w5s", "fomaml_miniimagenet_5w1s",
+                 "fomaml_miniimagenet_5w5s", "protonet_omniglot_5w1s", "protonet_omniglot_5w5s",
+                 "protonet_omniglot_20w1s", "protonet_omniglot_20w5s", "protonet_miniimagenet_5w1s",
+                 "protonet_miniimagenet_5w5s", "anil_miniimagenet_5w1s", "anil_miniimagenet_5w5s",
+                 "metasgd_omniglot_5w1s", "metasgd_omniglot_5w5s", "reptile_omniglot_5w5s", "maml_sinusoid_k5",
+                 "maml_sinusoid_k10", "maml_kanji_5w1s"]:
+        assert name in PRESETS
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_composes_and_builds(job, name: str) -> None:
+    """The preset composes against the schemas, and its task, model and algorithm construct (no data read)."""
+    cfg = job(f"experiment={name}")
+    spec = cfg.reproduction
+    assert spec.source and spec.metric in ("meta_test/post_acc", "meta_test/post_loss")
+    assert spec.published is None or spec.tolerance > 0
+    task = instantiate(cfg.task)
+    algorithm = instantiate(cfg.algorithm, model=instantiate(cfg.model))
+    assert task.problem in algorithm.problems
+    assert task.test_tasks >= 600  # the papers' number of test tasks (or more)
+    ways_in_name = name.split("_")[-1]
+    if ways_in_name[0].isdigit() and "w" in ways_in_name:  # e.g. 20w5s
+        ways, shots = ways_in_name.rstrip("s").split("w")
+        assert (task.ways, task.shots) == (int(ways), int(shots))
+    if name.startswith(("maml_mini", "fomaml_mini", "anil_mini")):
+        assert cfg.model.hidden_size == 32  # Finn et al.'s mini-ImageNet network
+    if name.startswith("protonet"):
+        assert task.train_ways > task.ways  # Snell et al. train with more ways than they test
+
+
+@pytest.mark.parametrize(("ours", "published", "tolerance", "expected"), [
+    (98.2, 98.7, 1.0, "within tolerance"),
+    (97.7, 98.7, 1.0, "within tolerance"),  # exactly the tolerance away
+    (97.5, 98.7, 1.0, "below"),
+    (99.9, 98.7, 1.0, "above"),
+    (0.5, None, 1.0, "no published number"),
+])
+def test_verdict_on_known_inputs(ours: float, published: float | None, tolerance: float, expected: str) -> None:
+    assert verdict(ours, published, tolerance) == expected
+
+
+def test_table_shows_paper_ours_difference_and_verdict() -> None:
+    row = Row("maml_omniglot_5w1s", "Finn et al. 2017, Table 1", 98.7, 0.4, 1.0, ours=96.5, ours_ci95=0.61)
+    table = markdown([row, Row("x", "s", 49.42, 0.78, 2.0, problem="Omniglot's data not found", data_missing=True)])
+    assert "| maml_omniglot_5w1s | 98.7 ± 0.4 | 96.5 ± 0.61 | -2.2 | ±1 | below |" in table
+    assert "| x | 49.42 ± 0.78 | – | – | ±2 | no data |" in table
+    assert "- x: Omniglot's data not found" in table
+
+
+def read_run(store: Path, run_id: str):
+    return MlflowClient(f"sqlite:///{store}").get_run(run_id)
+
+
+def test_smoke_reproduction_on_kanji_end_to_end_and_from_mlflow(tmp_path: Path, kanji_cache: str) -> None:
+    result = reproduce_cli(["maml_kanji_5w1s", "--budget", "smoke", f"task.cache_dir={kanji_cache}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("| maml_kanji_5w1s |")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    ours = float(cells[2].split(" ± ")[0])
+    assert 0 <= ours <= 100 and cells[5] in ("within tolerance", "below", "above", "no published number")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               "tags.`metalab.experiment` = 'maml_kanji_5w1s'")
+    assert run.info.status == "FINISHED" and run.data.params["trainer.max_steps"] == "2"
+    assert run.data.tags["metalab.reproduction.verdict"] == cells[5]
+    assert float(run.data.tags["metalab.reproduction.ours"]) == pytest.approx(ours, rel=1e-3)
+    assert "reproduction.md" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    again = reproduce_cli(["maml_kanji_5w1s", "--budget", "smoke", "--from-mlflow", f"task.cache_dir={kanji_cache}",
+                           "--out", "table.md"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert line in again.stdout and line in (tmp_path / "table.md").read_text()  # read back, not rerun
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_smoke_reproduction_on_a_generated_omniglot_folder(tmp_path: Path) -> None:
+    root = fake_datasets.omniglot_tree(tmp_path / "omniglot", {"images_background": (3, 4),
+                                                               "images_evaluation": (2, 4)}, drawers=6)
+    result = reproduce_cli(["maml_omniglot_5w1s", "--budget", "smoke", f"task.root={root}", "task.split=lake",
+                            "task.val_classes=4"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("| maml_omniglot_5w1s |")]
+    assert "| 98.7 ± 0.4 |" in line and "Finn, Abbeel & Levine" in result.stdout
+
+
+def test_sinusoid_reproduction_logs_the_mse_curve_over_inner_steps(tmp_path: Path) -> None:
+    result = reproduce_cli(["maml_sinusoid_k5", "--budget", "smoke"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    [curve] = [line for line in result.stdout.splitlines() if line.startswith("- maml_sinusoid_k5: after 1…10")]
+    assert len(curve.split(": ", 1)[1].split(", ")) == 10
+    assert "no published number" in result.stdout
+
+
+def test_missing_data_is_one_line_naming_the_data_set_layout_and_root(tmp_path: Path) -> None:
+    result = reproduce_cli(["protonet_miniimagenet_5w1s", "--budget", "smoke", "task.root=/nonexistent/mini"],
+                           tmp_path)
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("metalab: error: protonet_miniimagenet_5w1s: mini-ImageNet's train split not found")
+    assert "task.root=/nonexistent/mini" in line and "expected" in line
+    assert "| protonet_miniimagenet_5w1s |" in result.stdout and "| no data |" in result.stdout
+
+
+def test_unknown_reproduction_lists_the_presets(tmp_path: Path) -> None:
+    result = reproduce_cli(["maml_omniglot_5w2s"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("metalab: error: no reproduction named 'maml_omniglot_5w2s'")
+    assert "maml_omniglot_5w1s" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_presets_live_in_the_experiments_folder() -> None:
+    assert experiments_dir() == Path(__file__).resolve().parents[1] / "experiments"
