@@ -6,10 +6,12 @@ For each workload, in one process, interleaved and repeated:
   (a) the plain learn2learn loop (README of the foundation issue: clone → adapt → query loss → backward,
       Adam step; for ProtoNet the plain PyTorch prototype loop),
   (b) metalab's Trainer with MLflow tracking, ``algorithm.backend=loop``,
-  (c) the same with ``algorithm.backend=auto``.
+  (c) the same with ``algorithm.backend=auto``,
+  (d) (b) without tracking: the tracking overhead is 1 − (b)/(d).
 Meta-iterations/s exclude the first (warm-up, and the auto probe); every variant samples its tasks from
-the same task family. Prints medians with the spread (min–max), the ratios (b)/(a) and (c)/(a), and the
-peak resident memory above the baseline while the variant ran (sampled every 5 ms).
+the same task family. Prints medians with the spread (min–max), the ratios (b)/(a) and (c)/(a), the
+tracking overhead, and the peak resident memory above the baseline while the variant ran (sampled every
+5 ms).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class StepTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Path) -> tuple[float, str]:
+def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Path | None) -> tuple[float, str]:
     """(b)/(c): seconds per meta-iteration of metalab's Trainer with MLflow tracking on, and the backend used."""
     from pytorch_lightning.loggers import MLFlowLogger
 
@@ -138,7 +140,8 @@ def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Pa
                  else ProtoNet(model))
     learner = MetaLearner(algorithm, optimizer=lambda p: torch.optim.Adam(p, 1e-3), problem=workload.family.problem)
     timer = StepTimer()
-    logger = MLFlowLogger(tracking_uri=f"sqlite:///{store}", synchronous=False)  # as metalab's tracking does
+    # as metalab's tracking does; no store: no tracking at all
+    logger = MLFlowLogger(tracking_uri=f"sqlite:///{store}", synchronous=False) if store else False
     trainer = pl.Trainer(max_steps=iterations + 1, logger=logger,
                          callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
@@ -186,17 +189,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for workload in workloads:
             workload.family.prepare()
-            seconds: dict[str, list[float]] = {"a": [], "b": [], "c": []}
-            memory: dict[str, float] = {"a": 0.0, "b": 0.0, "c": 0.0}
+            seconds: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": []}
+            memory: dict[str, float] = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}
             choices: list[str] = []  # what backend=auto chose in each repeat
             for repeat in range(args.repeats):
-                for variant in ("a", "b", "c"):
+                for variant in ("a", "b", "c", "d"):
                     with PeakMemory() as peak:
                         if variant == "a":
                             seconds["a"].append(plain_loop(workload, workload.iterations))
                         else:
-                            backend = "loop" if variant == "b" else "auto"
-                            store = Path(folder) / f"{variant}{repeat}.db"
+                            backend = "auto" if variant == "c" else "loop"
+                            store = None if variant == "d" else Path(folder) / f"{variant}{repeat}.db"
                             per_iteration, chosen = metalab_trainer(workload, workload.iterations, backend, store)
                             seconds[variant].append(per_iteration)
                             if variant == "c":
@@ -205,16 +208,18 @@ def main() -> None:
             rows.append((workload, seconds, memory, choices))
 
     print(f"\n{'workload':40} {'(a) it/s':>10} {'(b) it/s':>10} {'(c) it/s':>10} {'(b)/(a)':>16} {'(c)/(a)':>16}"
-          f"   peak MB a/b/c   (c) chose")
+          f" {'tracking':>17}   peak MB a/b/c   (c) chose")
     for workload, seconds, memory, choices in rows:
         rate = {k: [1 / s for s in v] for k, v in seconds.items()}
         ratios = {k: [rate[k][i] / rate["a"][i] for i in range(len(rate["a"]))] for k in ("b", "c")}
+        overhead = [1 - rate["b"][i] / rate["d"][i] for i in range(len(rate["d"]))]
 
         def show(values: list[float]) -> str:
             return f"{statistics.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
 
         print(f"{workload.name:40} {statistics.median(rate['a']):10.2f} {statistics.median(rate['b']):10.2f} "
-              f"{statistics.median(rate['c']):10.2f} {show(ratios['b']):>16} {show(ratios['c']):>16}   "
+              f"{statistics.median(rate['c']):10.2f} {show(ratios['b']):>16} {show(ratios['c']):>16} "
+              f"{show(overhead):>17}   "
               f"{memory['a']:.0f}/{memory['b']:.0f}/{memory['c']:.0f}   {','.join(choices)}")
     print(f"\nsmallest full run from the command line (imports, compose, MLflow run, 1 step, test): "
           f"{first_step_seconds():.1f} s")
