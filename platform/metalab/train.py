@@ -47,18 +47,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         else:
             info = run_info(task)
             output_dir, checkpoint = info.output_dir, None
-        folder = output_dir / "checkpoints"
-        checkpoints = [ModelCheckpoint(dirpath=folder, save_last=True,
-                                       every_n_train_steps=cfg.checkpoint_every_n_steps or None),
-                       InterruptCheckpoint(folder)]
         tracking.check()
         with held_back_trainer_banner():  # a failed check prints its one line alone
-            trainer = pl.Trainer(**cfg.trainer, **cfg.hardware, logger=False,
-                                 callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
-                                 default_root_dir=output_dir,
-                                 inference_mode=False,  # validation/test adapt with gradients
-                                 use_distributed_sampler=False,  # every process evaluates every task: exact CIs
-                                 check_val_every_n_epoch=None)  # training tasks are an endless stream
+            trainer = make_trainer(cfg, output_dir)
             check_distributed(trainer, task, learner)
         if rank == 0:  # one MLflow run per job, never one per process
             logger = tracking.resume(resume) if resume else tracking.start(cfg, info)
@@ -110,6 +101,20 @@ def build(cfg: DictConfig, seed: int) -> tuple[TaskFamily, MetaLearner]:
                           "task.train_ways=null, or use a metric-based algorithm (algorithm=protonet)")
     return task, MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem,
                              test_curve_steps=cfg.test_curve_steps)
+
+
+def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
+    """Lightning's Trainer for this job, checkpointing into ``output_dir/checkpoints``; the logger comes later."""
+    folder = output_dir / "checkpoints"
+    checkpoints = [ModelCheckpoint(dirpath=folder, save_last=True,
+                                   every_n_train_steps=cfg.checkpoint_every_n_steps or None),
+                   InterruptCheckpoint(folder)]
+    return pl.Trainer(**cfg.trainer, **cfg.hardware, logger=False,
+                      callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
+                      default_root_dir=output_dir,
+                      inference_mode=False,  # validation/test adapt with gradients
+                      use_distributed_sampler=False,  # every process evaluates every task: exact CIs
+                      check_val_every_n_epoch=None)  # training tasks are an endless stream
 
 
 def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearner) -> None:
