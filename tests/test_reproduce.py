@@ -69,9 +69,11 @@ def test_verdict_on_known_inputs(ours: float, published: float | None, tolerance
 
 def test_table_shows_paper_ours_difference_and_verdict() -> None:
     row = Row("maml_omniglot_5w1s", "Finn et al. 2017, Table 1", 98.7, 0.4, 1.0, ours=96.5, ours_ci95=0.61)
-    table = markdown([row, Row("x", "s", 49.42, 0.78, 2.0, problem="Omniglot's data not found", data_missing=True)])
+    table = markdown([row, Row("x", "s", 48.07, 1.75, 2.0, problem="Omniglot's data not found", data_missing=True),
+                      Row("curve", "s", None, None, 0.0, ours=0.25, ours_ci95=0.031)])
     assert "| maml_omniglot_5w1s | 98.7 ± 0.4 | 96.5 ± 0.61 | -2.2 | ±1 | below |" in table
-    assert "| x | 49.42 ± 0.78 | – | – | ±2 | no data |" in table
+    assert "| x | 48.07 ± 1.75 | – | – | ±2 | no data |" in table  # the ± as the paper prints it
+    assert "| curve | – | 0.25 ± 0.031 | – | – | no published number |" in table
     assert "- x: Omniglot's data not found" in table
 
 

@@ -164,7 +164,7 @@ def _number(value: float | None, ci95: float | None = None) -> str:
         return "–"
     if ci95 is None or math.isnan(ci95):
         return f"{value:.4g}"
-    return f"{value:.4g} ± {ci95:.2g}"
+    return f"{value:.4g} ± {ci95:.3g}"
 
 
 def markdown(rows: list[Row]) -> str:
@@ -172,8 +172,9 @@ def markdown(rows: list[Row]) -> str:
              "|---|---|---|---|---|---|"]
     for row in rows:
         difference = "–" if row.difference is None else f"{row.difference:+.3g}"
+        tolerance = "–" if row.published is None else f"±{row.tolerance:g}"
         lines.append(f"| {row.name} | {_number(row.published, row.published_ci95)} | "
-                     f"{_number(row.ours, row.ours_ci95)} | {difference} | ±{row.tolerance:g} | {row.verdict} |")
+                     f"{_number(row.ours, row.ours_ci95)} | {difference} | {tolerance} | {row.verdict} |")
     notes = [f"- {row.name}: {row.problem}" for row in rows if row.problem]
     notes += [f"- {row.name}: after 1…{len(row.curve)} inner steps: " + ", ".join(f"{v:.4g}" for v in row.curve)
               for row in rows if row.curve]
