@@ -133,11 +133,7 @@ class MetaLearner(pl.LightningModule):
             for query_x, query_y in zip(tasks.query_x, tasks.query_y, strict=True):
                 before = self.algorithm.model(query_x)
                 self._record("pre", self.loss_fn(before, query_y), before, query_y)
-        with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
-            predictions = self.algorithm.query_predictions(tasks, self.loss_fn, training=False)
-        for after, query_y in zip(predictions, tasks.query_y, strict=True):
-            after = after.detach()
-            self._record("post", self.loss_fn(after, query_y), after, query_y)
+        self._record_adapted(tasks)
 
     def _curve(self, tasks: Episodes) -> None:
         """Query loss (and accuracy) after 1, 2, …, ``test_curve_steps`` inner steps: ``post_loss_step<k>``."""
@@ -145,20 +141,22 @@ class MetaLearner(pl.LightningModule):
         try:
             for steps in range(1, self.test_curve_steps + 1):
                 self.algorithm.eval_inner_steps = steps
-                with torch.enable_grad():
-                    predictions = self.algorithm.query_predictions(tasks, self.loss_fn, training=False)
-                for after, query_y in zip(predictions, tasks.query_y, strict=True):
-                    after = after.detach()
-                    self._record(f"post_{{}}_step{steps}", self.loss_fn(after, query_y), after, query_y)
+                self._record_adapted(tasks, suffix=f"_step{steps}")
         finally:
             self.algorithm.eval_inner_steps = configured
 
-    def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor) -> None:
-        """Keep one task's numbers; ``when`` is ``pre``/``post`` or a pattern with ``{}`` for the measure."""
-        pattern = when if "{}" in when else f"{when}_{{}}"
-        self._per_task[pattern.format("loss")].append(loss)
+    def _record_adapted(self, tasks: Episodes, suffix: str = "") -> None:
+        """Adapt to each task's support set; record its query loss (and accuracy) as ``post_loss<suffix>``."""
+        with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
+            predictions = self.algorithm.query_predictions(tasks, self.loss_fn, training=False)
+        for after, query_y in zip(predictions, tasks.query_y, strict=True):
+            after = after.detach()
+            self._record("post", self.loss_fn(after, query_y), after, query_y, suffix)
+
+    def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor, suffix: str = "") -> None:
+        self._per_task[f"{when}_loss{suffix}"].append(loss)
         if self.classification:
-            self._per_task[pattern.format("acc")].append(self._accuracy(prediction, target))
+            self._per_task[f"{when}_acc{suffix}"].append(self._accuracy(prediction, target))
 
     def _log_summary(self, stage: str) -> None:
         for name, values in self._per_task.items():
