@@ -5,8 +5,8 @@ Run: .venv/bin/python benchmarks/meta_training.py [--repeats 3] [--quick]
 For each workload, in one process, interleaved and repeated:
   (a) the plain learn2learn loop (README of the foundation issue: clone → adapt → query loss → backward,
       Adam step; for ProtoNet the plain PyTorch prototype loop),
-  (b) metalab's Trainer with MLflow tracking, ``algorithm.backend=loop``,
-  (c) the same with ``algorithm.backend=auto``,
+  (b) metalab's Trainer with MLflow tracking, ``runner.backend=loop``,
+  (c) the same with ``runner.backend=auto``,
   (d) (b) without tracking: the tracking overhead is 1 − (b)/(d).
 Meta-iterations/s exclude the first (warm-up, and the auto probe); every variant samples its tasks from
 the same task family. Prints medians with the spread (min–max), the ratios (b)/(a) and (c)/(a), the
@@ -156,7 +156,7 @@ def first_step_seconds() -> float:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         command = [str(Path(sys.executable).parent / "metalab-train"), "experiment=smoke", "trainer.max_steps=1",
-                   "trainer.val_check_interval=1", "task.val_tasks=1", "task.test_tasks=1", "algorithm.backend=loop"]
+                   "trainer.val_check_interval=1", "task.val_tasks=1", "task.test_tasks=1", "runner.backend=loop"]
         run = subprocess.run(command, cwd=folder, capture_output=True, text=True,
                              env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})  # set by (b)
         seconds = time.perf_counter() - start

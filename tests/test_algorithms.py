@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from metalab.algorithms import ANIL, MetaSGD, ProtoNet, Reptile
+from metalab.algorithms import ANIL, Context, MetaSGD, ProtoNet, Reptile
 from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
 from metalab.models import MLP
+from metalab.runner import TaskRunner
+from metalab.tasks.episodes import Task
 from metalab.train import train
 from tests.test_meta_gradient import double_tasks
 from tests.test_training import SHORT
@@ -92,7 +94,8 @@ def test_reptile_update_matches_hand_computation() -> None:
 
     algorithm = Reptile(model, inner_lr=0.1, inner_steps=2)
     optimizer = torch.optim.SGD(algorithm.parameters(), lr=0.5)
-    algorithm.write_meta_gradient(tasks, F.mse_loss)
+    _, meta_loss = TaskRunner("loop").meta_loss(algorithm, tasks, Context(F.mse_loss, training=True))
+    meta_loss.backward()  # delivers θ − mean(φᵢ), as Lightning's backward does
     optimizer.step()
     assert model.weight.item() == pytest.approx(expected_w, rel=1e-12)
     assert model.bias.item() == pytest.approx(expected_b, rel=1e-12)
@@ -105,8 +108,8 @@ def test_protonet_logits_match_hand_computed_prototypes(distance: str) -> None:
     embedding = torch.nn.Linear(4, 3).double()
     support_x, query_x = torch.randn(6, 4, dtype=torch.double), torch.randn(5, 4, dtype=torch.double)
     support_y = torch.tensor([0, 1, 2, 0, 1, 2])
-    logits = ProtoNet(embedding, distance=distance, temperature=2.0).adapt(support_x, support_y, F.cross_entropy,
-                                                                          True)(query_x)
+    task = Task(support_x, support_y, query_x, torch.zeros(5, dtype=torch.long))
+    logits = ProtoNet(embedding, distance=distance, temperature=2.0).adapt(task, Context(F.cross_entropy, True))(query_x)
     prototypes = torch.stack([embedding(support_x[support_y == c]).mean(0) for c in range(3)])
     query = embedding(query_x)
     if distance == "euclidean":

@@ -1,28 +1,31 @@
-"""The vectorised (``backend=vmap``) and threaded (``backend=threads``) inner loops compute the same
-meta-gradient as learn2learn's loop."""
+"""Every algorithm under every backend it declares computes the loop's meta-gradient; ``auto`` is timed,
+survives a failing candidate, and is recorded on the run."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
-from metalab.algorithms import ANIL, MAML, MetaSGD
+from metalab.algorithms import MAML, Context, MetaAlgorithm
+from metalab.config import config_dir
+from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
 from metalab.models import CNN4, MLP
+from metalab.runner import TaskRunner, vectorises
 from metalab.tasks import Episodes
 from metalab.train import train
 from tests.test_meta_gradient import double_tasks
 
-ALGORITHMS = {
-    "maml": lambda model, backend: MAML(model, inner_lr=0.05, inner_steps=2, backend=backend),
-    "fomaml": lambda model, backend: MAML(model, inner_lr=0.05, inner_steps=2, first_order=True, backend=backend),
-    "metasgd": lambda model, backend: MetaSGD(model, inner_lr=0.05, inner_steps=2, backend=backend),
-    "anil": lambda model, backend: ANIL(model, inner_lr=0.1, inner_steps=2, backend=backend),
-}
+# Every option of conf/algorithm/, with two inner steps where it has inner steps: a new algorithm is tested here
+# without new test code.
+ALGORITHM_OPTIONS = sorted(path.stem for path in (config_dir() / "algorithm").glob("*.yaml"))
+TWO_STEPS = {"inner_steps": 2}
 
 
 def image_tasks(count: int = 4, ways: int = 3, shots: int = 2, queries: int = 3) -> Episodes:
@@ -33,25 +36,48 @@ def image_tasks(count: int = 4, ways: int = 3, shots: int = 2, queries: int = 3)
                     torch.randn(count, ways * queries, 1, 16, 16, generator=generator, dtype=torch.double), query_y)
 
 
-def meta_gradient(algorithm, tasks: Episodes, problem: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    learner = MetaLearner(algorithm, optimizer=torch.optim.Adam, problem=problem)
+def build_algorithm(job, option: str, model: torch.nn.Module) -> MetaAlgorithm:
+    cfg = job(f"algorithm={option}", "tracking=none")
+    settings = {key: value for key, value in TWO_STEPS.items() if key in cfg.algorithm}
+    return instantiate(cfg.algorithm, model=model, **settings)
+
+
+def meta_gradient(algorithm: MetaAlgorithm, tasks: Episodes, problem: str,
+                  backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    learner = MetaLearner(algorithm, optimizer=torch.optim.Adam, problem=problem, runner=TaskRunner(backend))
     learner.log = lambda *args, **kwargs: None
     loss = learner.training_step(tasks, 0)
     loss.backward()
-    return [p.grad.clone() for p in algorithm.parameters()], loss.detach()
+    assert learner.runner.chosen == backend
+    return [p.grad for p in algorithm.parameters() if p.grad is not None], loss.detach()  # ProtoNet: no head
 
 
-@pytest.mark.parametrize("backend", ["vmap", "threads"])
-@pytest.mark.parametrize("name", ALGORITHMS)
-@pytest.mark.parametrize("network", ["mlp", "cnn_with_batchnorm"])
-def test_backends_give_the_loops_meta_gradient(name: str, network: str, backend: str) -> None:
+def cases() -> list[tuple[str, str, str]]:
+    """(algorithm option, network, backend) for every backend each algorithm declares besides the loop."""
+    found = []
+    for option in ALGORITHM_OPTIONS:
+        for network in ("mlp", "cnn_with_batchnorm"):
+            found.append((option, network, "threads"))
+            found.append((option, network, "vmap"))
+    return found
+
+
+@pytest.mark.parametrize(("option", "network", "backend"), cases())
+def test_every_declared_backend_gives_the_loops_meta_gradient(job, option: str, network: str, backend: str) -> None:
     torch.manual_seed(0)
     if network == "mlp":
         model, tasks, problem = MLP(1, (32, 32), 1).double(), double_tasks(6), "regression"
     else:
         model, tasks, problem = CNN4(3, 1, image_size=16, hidden_size=8).double(), image_tasks(), "classification"
-    loop_gradient, loop_loss = meta_gradient(ALGORITHMS[name](copy.deepcopy(model), "loop"), tasks, problem)
-    gradient, loss = meta_gradient(ALGORITHMS[name](copy.deepcopy(model), backend), tasks, problem)
+    reference = build_algorithm(job, option, copy.deepcopy(model))
+    if problem not in reference.problems:
+        pytest.skip(f"{option} does not learn {problem} tasks")
+    if backend == "vmap" and not vectorises(reference):
+        with pytest.raises(ConfigError, match="declares no vectorised_adapt"):
+            TaskRunner("vmap").check(reference)
+        return
+    loop_gradient, loop_loss = meta_gradient(reference, tasks, problem, "loop")
+    gradient, loss = meta_gradient(build_algorithm(job, option, copy.deepcopy(model)), tasks, problem, backend)
     torch.testing.assert_close(loss, loop_loss, rtol=1e-5, atol=1e-10)
     assert len(gradient) == len(loop_gradient)
     for got, expected in zip(gradient, loop_gradient, strict=True):
@@ -59,15 +85,23 @@ def test_backends_give_the_loops_meta_gradient(name: str, network: str, backend:
     assert any(g.abs().sum() > 0 for g in gradient)
 
 
+def test_the_zoos_vectorised_algorithms(job) -> None:
+    """Pins which algorithms opt in to vmap, so a lost ``vectorised_adapt`` is noticed."""
+    declared = {option for option in ALGORITHM_OPTIONS if vectorises(build_algorithm(job, option, MLP(1, (4,), 1)))}
+    assert {"maml", "fomaml", "metasgd", "anil"} <= declared
+    assert not {"reptile", "protonet"} & declared
+
+
 def test_batchnorm_statistics_stay_per_task() -> None:
     """Scaling one task's images must not change another task's predictions (no shared batch statistics)."""
     torch.manual_seed(0)
-    algorithm = MAML(CNN4(3, channels=1, image_size=16, hidden_size=8).double(), inner_lr=0.1, backend="vmap")
+    algorithm = MAML(CNN4(3, channels=1, image_size=16, hidden_size=8).double(), inner_lr=0.1)
+    runner, context = TaskRunner("vmap"), Context(F.cross_entropy, training=True)
     tasks = image_tasks(count=2)
-    before = algorithm.query_predictions(tasks, F.cross_entropy, training=True)[0]
+    before = runner.predictions(algorithm, tasks, context)[0]
     scale = torch.tensor([1.0, 50.0], dtype=torch.double).view(2, 1, 1, 1, 1)
     scaled = Episodes(tasks.support_x * scale, tasks.support_y, tasks.query_x * scale, tasks.query_y)
-    after = algorithm.query_predictions(scaled, F.cross_entropy, training=True)[0]
+    after = runner.predictions(algorithm, scaled, context)[0]
     torch.testing.assert_close(before, after)
 
 
@@ -75,18 +109,47 @@ def test_threads_backend_restores_intra_op_threads_and_is_deterministic() -> Non
     torch.manual_seed(0)
     model, tasks = MLP(1, (32, 32), 1).double(), double_tasks(6)
     threads = torch.get_num_threads()
-    first, _ = meta_gradient(MAML(copy.deepcopy(model), inner_lr=0.05, backend="threads"), tasks, "regression")
-    second, _ = meta_gradient(MAML(copy.deepcopy(model), inner_lr=0.05, backend="threads"), tasks, "regression")
+    first, _ = meta_gradient(MAML(copy.deepcopy(model), inner_lr=0.05), tasks, "regression", "threads")
+    second, _ = meta_gradient(MAML(copy.deepcopy(model), inner_lr=0.05), tasks, "regression", "threads")
     assert torch.get_num_threads() == threads
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)  # summed in task order, whichever worker finished first
 
 
-def test_auto_backend_is_timed_and_recorded_on_the_run(job, tmp_path) -> None:
-    train(job("experiment=smoke", "algorithm.backend=auto"))
+class _VmapFails(MAML):
+    """MAML whose vectorised path raises as ``vmap`` does on data-dependent shapes (DropBlock's nonzero)."""
+
+    def vectorised_adapt(self, support_x, support_y, context):
+        raise RuntimeError("vmap: We do not support batching operators that can output dynamic shape")
+
+
+def test_auto_drops_a_backend_that_fails_on_the_probe_and_says_why() -> None:
+    torch.manual_seed(0)
+    runner = TaskRunner("auto")
+    algorithm = _VmapFails(MLP(1, (8,), 1).double(), inner_lr=0.05)
+    _, loss = runner.meta_loss(algorithm, double_tasks(4), Context(F.mse_loss, training=True))
+    loss.backward()
+    assert runner.chosen in ("loop", "threads")
+    assert runner.probe["vmap"].startswith("failed: RuntimeError: vmap: We do not support batching operators")
+    assert runner.probe["loop"].endswith(" ms")
+
+
+def test_auto_never_probes_vmap_for_an_algorithm_that_does_not_declare_it() -> None:
+    from metalab.algorithms import Reptile
+
+    runner = TaskRunner("auto")
+    runner.meta_loss(Reptile(MLP(1, (8,), 1).double()), double_tasks(4), Context(F.mse_loss, training=True))
+    assert "vmap" not in runner.probe and "loop" in runner.probe
+
+
+def test_auto_backend_is_timed_and_recorded_on_the_run(job, tmp_path: Path) -> None:
+    train(job("experiment=smoke", "runner.backend=auto"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
-    assert run.data.tags["metalab.backend"] in ("loop", "vmap", "threads")
     probe = run.data.tags["metalab.backend_probe"]
-    assert "loop" in probe and "vmap" in probe
-    assert ("threads" in probe) == (torch.get_num_threads() > 1)  # threads are tried only with threads to use
+    timings = {part.split()[0]: float(part.split()[1]) for part in probe.split(", ")}  # "loop 12.3 ms, ..."
+    assert set(timings) == {"loop", "vmap"} | ({"threads"} if torch.get_num_threads() > 1 else set())
+    chosen = run.data.tags["metalab.backend"]
+    needed = {"loop": 1.0, "threads": 1.0, "vmap": 0.95}  # vmap must beat the loop by 5%
+    qualified = {name: ms for name, ms in timings.items() if ms <= needed[name] * timings["loop"] + 0.1}
+    assert chosen in qualified and timings[chosen] <= min(qualified.values()) + 0.1  # ms are printed rounded

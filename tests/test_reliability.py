@@ -20,7 +20,7 @@ from tests.conftest import BIN, compose_job, run_cli
 
 def test_divergence_stops_at_the_first_bad_step_and_fails_the_run(job, tmp_path: Path) -> None:
     with pytest.raises(DivergenceError, match=r"meta_train/loss is (nan|inf) at step 0: training diverged"):
-        train(job("experiment=smoke", "algorithm.inner_lr=1e30", "algorithm.backend=loop"))
+        train(job("experiment=smoke", "algorithm.inner_lr=1e30", "runner.backend=loop"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
     assert run.info.status == "FAILED"
@@ -56,7 +56,7 @@ def test_unwritable_sqlite_folder_is_refused(job) -> None:
 
 def test_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupted_one(tmp_path: Path) -> None:
     common = ["experiment=smoke", "trainer.max_steps=300", "trainer.val_check_interval=100",
-              "trainer.log_every_n_steps=1", "checkpoint_every_n_steps=10", "algorithm.backend=loop", "seed=3"]
+              "trainer.log_every_n_steps=1", "checkpoint_every_n_steps=10", "runner.backend=loop", "seed=3"]
     (tmp_path / "reference").mkdir()
     reference = run_cli([*common, f"tracking.tracking_uri=sqlite:///{tmp_path}/reference.db"],
                         cwd=tmp_path / "reference")
@@ -96,7 +96,7 @@ def test_requeued_job_continues_the_run_it_began_in_its_output_folder(tmp_path: 
     """``resume=auto`` (hardware=slurm sets it): a job restarted in its own output folder, as submitit requeues
     it, continues the MLflow run begun there; a job in a fresh folder starts a new run."""
     settings = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "experiment=smoke", "resume=auto",
-                "trainer.val_check_interval=5", "algorithm.backend=loop", "trainer.log_every_n_steps=1"]
+                "trainer.val_check_interval=5", "runner.backend=loop", "trainer.log_every_n_steps=1"]
     train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=10"]))
     train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=20"]))  # the requeued job goes on
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -122,7 +122,7 @@ def clean_environment() -> dict[str, str]:
 
 def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> None:
     process = subprocess.Popen([str(BIN / "metalab-train"), "experiment=smoke", "trainer.max_steps=100000",
-                                "checkpoint_every_n_steps=10", "algorithm.backend=loop"], cwd=tmp_path,
+                                "checkpoint_every_n_steps=10", "runner.backend=loop"], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_environment())
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("outputs/*/*/checkpoints/*step=*.ckpt")):

@@ -113,7 +113,7 @@ def test_interrupt_marks_run_killed(job, tmp_path, monkeypatch) -> None:
 def test_same_seed_gives_identical_metrics_and_another_seed_does_not(job) -> None:
     # backend pinned: `auto` picks by timing, and loop and vmap agree to float rounding, not bit for bit
     overrides = ["tracking=none", *SHORT, "trainer.max_steps=30", "trainer.val_check_interval=15",
-                 "algorithm.backend=loop"]
+                 "runner.backend=loop"]
     first = train(job(*overrides, "seed=7"))
     second = train(job(*overrides, "seed=7"))
     other = train(job(*overrides, "seed=8"))
@@ -124,7 +124,7 @@ def test_same_seed_gives_identical_metrics_and_another_seed_does_not(job) -> Non
 def test_sampling_workers_serve_the_same_task_stream(job) -> None:
     """Meta-batches drawn by 2 worker processes, in turn, are the batches drawn in the training process."""
     overrides = ["tracking=none", *SHORT, "trainer.max_steps=12", "trainer.val_check_interval=12",
-                 "algorithm.backend=loop"]
+                 "runner.backend=loop"]
     assert train(job(*overrides, "sampling_workers=2")) == train(job(*overrides, "sampling_workers=0"))
 
 

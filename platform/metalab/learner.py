@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -12,65 +13,92 @@ from matplotlib import pyplot as plt
 from pytorch_lightning.loggers import MLFlowLogger
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
-from metalab.algorithms.base import MetaAlgorithm
+from metalab.algorithms.base import Context, MetaAlgorithm
 from metalab.errors import ConfigError
 from metalab.reliability import DivergenceError
+from metalab.runner import TaskRunner
 from metalab.stats import mean_and_ci95
 from metalab.tasks.base import Problem
 from metalab.tasks.episodes import Episodes
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
 class MetaLearner(pl.LightningModule):
     """Meta-trains ``algorithm`` with the outer optimiser built by ``optimizer``.
 
-    ``training_step``: for each task of the meta-batch, ``algorithm.adapt`` adapts the model on the
-    support set; the adapted model's query loss, averaged over tasks (``algorithm.meta_loss``), is
-    returned and Lightning takes the outer step. Validation and test adapt on held-out tasks (gradients
-    enabled) and log, per stage, the mean and 95% CI over tasks of the query loss before (``pre_``) and
-    after (``post_``) adaptation, and accuracy for classification: ``meta_val/post_loss``,
-    ``meta_val/post_loss_ci95``, ...
+    ``training_step``: the ``runner`` executes the meta-batch's tasks (each adapted on its support set by
+    ``algorithm.adapt``, its meta-gradient by ``algorithm.task_meta_gradient``) and returns the mean query
+    loss, whose ``backward()`` (Lightning's) delivers the mean meta-gradient; Lightning takes the outer
+    step. Validation and test adapt on held-out tasks and log, per stage, the mean and 95% CI over tasks of
+    the query loss before (``pre_``) and after (``post_``) adaptation, and accuracy for classification:
+    ``meta_val/post_loss``, ``meta_val/post_loss_ci95``, ...
+
+    Arguments:
+        algorithm: the maths (:class:`~metalab.algorithms.base.MetaAlgorithm`).
+        optimizer: builds the outer optimiser from the meta-parameters (a ``_partial_`` config).
+        problem: ``regression`` (MSE) or ``classification`` (cross-entropy).
+        runner: how tasks are executed; ``None``: ``TaskRunner("auto")``.
+        scheduler: builds a learning-rate scheduler from the optimiser, stepped every meta-iteration.
+        test_curve_steps: also test after 1..n inner steps (``meta_test/post_loss_step<k>``).
     """
 
     def __init__(self, algorithm: MetaAlgorithm, optimizer: OptimizerFactory, problem: Problem,
+                 runner: TaskRunner | None = None, scheduler: SchedulerFactory | None = None,
                  test_curve_steps: int = 0) -> None:
         super().__init__()
         if test_curve_steps and not hasattr(algorithm, "eval_inner_steps"):
             raise ConfigError(f"test_curve_steps={test_curve_steps} needs an algorithm with inner steps; "
                               f"{type(algorithm).__name__} has none: set test_curve_steps=0")
         self.algorithm = algorithm
+        self.runner = runner or TaskRunner()
+        self.runner.check(algorithm)
         self.test_curve_steps = test_curve_steps
-        # Reptile's outer step is no gradient of a loss: it writes .grad itself (manual optimisation).
-        self.automatic_optimization = algorithm.autograd_meta_gradient
+        # An algorithm that owns its outer step (e.g. TRPO) steps the optimiser itself: manual optimisation.
+        self.automatic_optimization = not algorithm.owns_outer_step
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.classification = problem == "classification"
         self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
         self._per_task: dict[str, list[Tensor]] = defaultdict(list)
 
-    def configure_optimizers(self) -> Optimizer:
-        return self.optimizer_factory(self.algorithm.parameters())
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.algorithm.meta_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "step"}}
 
-    def training_step(self, tasks: Episodes, batch_idx: int) -> Tensor:
-        if self.automatic_optimization:
-            predictions, meta_loss = self.algorithm.meta_loss(tasks, self.loss_fn, self.task_losses)
-        else:  # the algorithm writes the meta-gradient itself (Reptile)
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            predictions = self.algorithm.write_meta_gradient(tasks, self.loss_fn)
-            optimizer.step()
-            meta_loss = self.task_losses(predictions, tasks.query_y).mean()
+    def context(self, training: bool) -> Context:
+        """What the algorithm is told: the loss, training or evaluation, and the meta-iteration."""
+        return Context(self.loss_fn, training=training, step=self.global_step)
+
+    def training_step(self, tasks: Episodes, batch_idx: int) -> Tensor | None:
+        context = self.context(training=True)
+        if self.algorithm.owns_outer_step:
+            predictions, meta_loss = self.algorithm.outer_step(tasks, context, self.optimizers())
+        else:
+            predictions, meta_loss = self.runner.meta_loss(self.algorithm, tasks, context, agree=self._agree)
         if not torch.isfinite(meta_loss):  # one scalar check per step: stop at the first bad step
             raise DivergenceError(f"meta_train/loss is {meta_loss.item()} at step {self.global_step}: training "
                                   "diverged; lower optimizer.lr or algorithm.inner_lr (last.ckpt holds the last "
                                   "good state)")
         if self._writes_step_metrics():
-            self.log("meta_train/loss", meta_loss, batch_size=len(tasks))
+            self.log("meta_train/loss", meta_loss.detach(), batch_size=len(tasks))
             if self.classification:
                 accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])
                 self.log("meta_train/post_acc", accuracy.mean(), batch_size=len(tasks))
-        return meta_loss
+        return meta_loss if self.automatic_optimization else None
+
+    def _agree(self, backend: str) -> str:
+        """Every process uses the backend rank 0 chose (their timings may differ)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return backend
+        return trainer.strategy.broadcast(backend, src=0)
 
     def _writes_step_metrics(self) -> bool:
         """Whether the logger writes step metrics after this step (every ``trainer.log_every_n_steps``).
@@ -80,21 +108,12 @@ class MetaLearner(pl.LightningModule):
         connector = getattr(self._trainer, "_logger_connector", None)
         return connector is None or connector.should_update_logs
 
-    def task_losses(self, predictions: list[Tensor] | Tensor, targets: Tensor) -> Tensor:
-        """Each task's mean query loss, (T,). Stacked predictions (T, Q, *out) take one batched call."""
-        if isinstance(predictions, Tensor):
-            flat = self.loss_fn(predictions.flatten(0, 1), targets.flatten(0, 1), reduction="none")
-            return flat.reshape(len(targets), -1).mean(1)
-        return torch.stack([self.loss_fn(p, y) for p, y in zip(predictions, targets, strict=True)])
-
     def on_train_batch_end(self, outputs: object, batch: Episodes, batch_idx: int) -> None:
-        """Record the inner-loop backend ``auto`` chose (once, after the first meta-batch)."""
-        chosen = getattr(self.algorithm, "chosen_backend", None)
-        if batch_idx == 0 and chosen and isinstance(self.logger, MLFlowLogger):
-            timings = ", ".join(f"{name} {seconds * 1000:.1f} ms"
-                                for name, seconds in getattr(self.algorithm, "probe_seconds", {}).items())
-            self.logger.experiment.set_tag(self.logger.run_id, "metalab.backend", chosen)
-            if timings:
+        """Record the backend the runner uses (once, after the first meta-batch) and what ``auto`` measured."""
+        if batch_idx == 0 and self.runner.chosen and isinstance(self.logger, MLFlowLogger):
+            self.logger.experiment.set_tag(self.logger.run_id, "metalab.backend", self.runner.chosen)
+            if self.runner.probe:
+                timings = ", ".join(f"{name} {outcome}" for name, outcome in self.runner.probe.items())
                 self.logger.experiment.set_tag(self.logger.run_id, "metalab.backend_probe", timings)
 
     def on_fit_end(self) -> None:
@@ -130,28 +149,24 @@ class MetaLearner(pl.LightningModule):
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.train()
         with torch.no_grad():
-            for query_x, query_y in zip(tasks.query_x, tasks.query_y, strict=True):
-                before = self.algorithm.model(query_x)
-                self._record("pre", self.loss_fn(before, query_y), before, query_y)
-        self._record_adapted(tasks)
+            for task in tasks:
+                before = self.algorithm.model(task.query_x)
+                self._record("pre", self.loss_fn(before, task.query_y), before, task.query_y)
+        self._record_adapted(tasks, self.context(training=False))
 
     def _curve(self, tasks: Episodes) -> None:
         """Query loss (and accuracy) after 1, 2, …, ``test_curve_steps`` inner steps: ``post_loss_step<k>``."""
-        configured = self.algorithm.eval_inner_steps
-        try:
-            for steps in range(1, self.test_curve_steps + 1):
-                self.algorithm.eval_inner_steps = steps
-                self._record_adapted(tasks, suffix=f"_step{steps}")
-        finally:
-            self.algorithm.eval_inner_steps = configured
+        for steps in range(1, self.test_curve_steps + 1):
+            context = Context(self.loss_fn, training=False, step=self.global_step, inner_steps=steps)
+            self._record_adapted(tasks, context, suffix=f"_step{steps}")
 
-    def _record_adapted(self, tasks: Episodes, suffix: str = "") -> None:
+    def _record_adapted(self, tasks: Episodes, context: Context, suffix: str = "") -> None:
         """Adapt to each task's support set; record its query loss (and accuracy) as ``post_loss<suffix>``."""
         with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
-            predictions = self.algorithm.query_predictions(tasks, self.loss_fn, training=False)
-        for after, query_y in zip(predictions, tasks.query_y, strict=True):
+            predictions = self.runner.predictions(self.algorithm, tasks, context)
+        for after, task in zip(predictions, tasks, strict=True):
             after = after.detach()
-            self._record("post", self.loss_fn(after, query_y), after, query_y, suffix)
+            self._record("post", self.loss_fn(after, task.query_y), after, task.query_y, suffix)
 
     def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor, suffix: str = "") -> None:
         self._per_task[f"{when}_loss{suffix}"].append(loss)

@@ -100,7 +100,7 @@ def build(cfg: DictConfig, seed: int) -> tuple[TaskFamily, MetaLearner]:
                           f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: set "
                           "task.train_ways=null, or use a metric-based algorithm (algorithm=protonet)")
     return task, MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem,
-                             test_curve_steps=cfg.test_curve_steps)
+                             runner=instantiate(cfg.runner), test_curve_steps=cfg.test_curve_steps)
 
 
 def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
@@ -128,7 +128,7 @@ def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearne
                           f"processes of this run: make it a multiple of {processes}")
     if not learner.automatic_optimization:
         choices = HydraConfig.get().runtime.choices
-        raise ConfigError(f"algorithm={choices.get('algorithm')} writes its meta-gradient itself, which DDP does not "
+        raise ConfigError(f"algorithm={choices.get('algorithm')} takes its outer step itself, which DDP does not "
                           "all-reduce: run it in one process (hardware=cpu or gpu)")
 
 

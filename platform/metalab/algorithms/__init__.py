@@ -1,10 +1,17 @@
-"""Meta-learning algorithms: each adapts the shared model to one task; the MetaLearner does the rest."""
+"""Meta-learning algorithms: the maths of adapting to one task (see :mod:`metalab.algorithms.base`)."""
 
 from metalab.algorithms.anil import ANIL
-from metalab.algorithms.base import FitReport, GradientBasedAlgorithm, MetaAlgorithm
+from metalab.algorithms.base import (
+    Context,
+    FitReport,
+    GradientBasedAlgorithm,
+    MetaAlgorithm,
+    TaskGradient,
+)
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.metasgd import MetaSGD
 from metalab.algorithms.protonet import ProtoNet
 from metalab.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "FitReport", "GradientBasedAlgorithm", "MetaAlgorithm", "MetaSGD", "ProtoNet", "Reptile"]
+__all__ = ["ANIL", "MAML", "Context", "FitReport", "GradientBasedAlgorithm", "MetaAlgorithm", "MetaSGD", "ProtoNet",
+           "Reptile", "TaskGradient"]

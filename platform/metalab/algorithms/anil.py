@@ -6,11 +6,18 @@ the Effectiveness of MAML", ICLR 2020.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import learn2learn as l2l
 from torch import Tensor, nn
 
-from metalab.algorithms.base import GradientBasedAlgorithm, LossFn
+from metalab.algorithms.base import Context, GradientBasedAlgorithm, Predictor
+from metalab.algorithms.functional import vectorised_sgd
 from metalab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from metalab.tasks.episodes import Task
 
 
 class ANIL(GradientBasedAlgorithm):
@@ -21,8 +28,8 @@ class ANIL(GradientBasedAlgorithm):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, first_order: bool = False, backend: str = "auto") -> None:
-        super().__init__(inner_lr, inner_steps, eval_inner_steps, backend)
+                 eval_inner_steps: int | None = None, first_order: bool = False) -> None:
+        super().__init__(inner_lr, inner_steps, eval_inner_steps)
         if not (isinstance(getattr(model, "features", None), nn.Module)
                 and isinstance(getattr(model, "head", None), nn.Module)):
             raise ConfigError(f"algorithm=anil needs a model with `features` and `head` parts; "
@@ -34,10 +41,11 @@ class ANIL(GradientBasedAlgorithm):
     def model(self) -> nn.Module:
         return self.network
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
-        head = self._steps(self.head.clone(), self.network.features(support_x), support_y, loss_fn, training)
+    def adapt(self, task: Task, context: Context) -> Predictor:
+        head = self._steps(self.head.clone(), self.network.features(task.support_x), task.support_y, context)
         return nn.Sequential(self.network.features, head)
 
-    def vmap_spec(self) -> tuple[nn.Module, dict[str, Tensor | float], bool]:
-        adapted = {name: self.head.lr for name, _ in self.network.named_parameters() if name.startswith("head.")}
-        return self.network, adapted, self.head.first_order
+    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
+        rates = {name: self.head.lr for name, _ in self.network.named_parameters() if name.startswith("head.")}
+        return vectorised_sgd(self.network, rates, support_x, support_y, context.loss_fn, self.steps(context),
+                              self.head.first_order or not context.training)

@@ -6,10 +6,17 @@ Networks", ICML 2017. First order: the same paper, §5.2 ("first-order approxima
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import learn2learn as l2l
 from torch import Tensor, nn
 
-from metalab.algorithms.base import GradientBasedAlgorithm, LossFn
+from metalab.algorithms.base import Context, GradientBasedAlgorithm, Predictor
+from metalab.algorithms.functional import vectorised_sgd
+
+if TYPE_CHECKING:
+    from metalab.tasks.episodes import Task
 
 
 class MAML(GradientBasedAlgorithm):
@@ -23,17 +30,16 @@ class MAML(GradientBasedAlgorithm):
         first_order: drop second-order terms of the meta-gradient (FOMAML).
         allow_unused: tolerate parameters that the support loss does not use.
         allow_nograd: tolerate parameters with ``requires_grad=False`` (they are not adapted).
-        backend: ``loop``, ``vmap`` or ``auto`` (see :class:`~metalab.algorithms.base.GradientBasedAlgorithm`).
 
-    Example (what ``training_step`` does per task)::
+    Example (what the runner does per task)::
 
-        learner = maml.clone(); learner.adapt(loss(learner(xs), ys)); loss(learner(xq), yq).backward()
+        learner = maml.clone(); learner.adapt(loss(learner(xs), ys)); grad(loss(learner(xq), yq), maml.parameters())
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False,
-                 allow_unused: bool = False, allow_nograd: bool = False, backend: str = "auto") -> None:
-        super().__init__(inner_lr, inner_steps, eval_inner_steps, backend)
+                 allow_unused: bool = False, allow_nograd: bool = False) -> None:
+        super().__init__(inner_lr, inner_steps, eval_inner_steps)
         self.maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order,
                                         allow_unused=allow_unused, allow_nograd=allow_nograd)
 
@@ -41,10 +47,11 @@ class MAML(GradientBasedAlgorithm):
     def model(self) -> nn.Module:
         return self.maml.module
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
-        return self._steps(self.maml.clone(), support_x, support_y, loss_fn, training)
+    def adapt(self, task: Task, context: Context) -> Predictor:
+        return self._steps(self.maml.clone(), task.support_x, task.support_y, context)
 
-    def vmap_spec(self) -> tuple[nn.Module, dict[str, Tensor | float], bool]:
+    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
         network = self.maml.module
-        adapted = {name: self.maml.lr for name, p in network.named_parameters() if p.requires_grad}
-        return network, adapted, self.maml.first_order
+        rates = {name: self.maml.lr for name, p in network.named_parameters() if p.requires_grad}
+        return vectorised_sgd(network, rates, support_x, support_y, context.loss_fn, self.steps(context),
+                              self.maml.first_order or not context.training)

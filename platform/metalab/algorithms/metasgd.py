@@ -5,15 +5,22 @@ Reference: Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Sho
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import learn2learn as l2l
 import matplotlib
 import torch
 from torch import Tensor, nn
 
-from metalab.algorithms.base import FitReport, GradientBasedAlgorithm, LossFn
+from metalab.algorithms.base import Context, FitReport, GradientBasedAlgorithm, Predictor
+from metalab.algorithms.functional import vectorised_sgd
 
 matplotlib.use("Agg")  # figures go to files, never to a screen
 from matplotlib import pyplot as plt
+
+if TYPE_CHECKING:
+    from metalab.tasks.episodes import Task
 
 
 class MetaSGD(GradientBasedAlgorithm):
@@ -25,21 +32,22 @@ class MetaSGD(GradientBasedAlgorithm):
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, first_order: bool = False, backend: str = "auto") -> None:
-        super().__init__(inner_lr, inner_steps, eval_inner_steps, backend)
+                 eval_inner_steps: int | None = None, first_order: bool = False) -> None:
+        super().__init__(inner_lr, inner_steps, eval_inner_steps)
         self.metasgd = l2l.algorithms.MetaSGD(model, lr=inner_lr, first_order=first_order)
 
     @property
     def model(self) -> nn.Module:
         return self.metasgd.module
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
-        return self._steps(self.metasgd.clone(), support_x, support_y, loss_fn, training)
+    def adapt(self, task: Task, context: Context) -> Predictor:
+        return self._steps(self.metasgd.clone(), task.support_x, task.support_y, context)
 
-    def vmap_spec(self) -> tuple[nn.Module, dict[str, Tensor | float], bool]:
+    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
         network = self.metasgd.module  # learn2learn keeps one rate tensor per parameter, in parameter order
         rates = dict(zip((name for name, _ in network.named_parameters()), self.metasgd.lrs, strict=True))
-        return network, rates, self.metasgd.first_order
+        return vectorised_sgd(network, rates, support_x, support_y, context.loss_fn, self.steps(context),
+                              self.metasgd.first_order or not context.training)
 
     def fit_report(self) -> FitReport:
         rates = torch.cat([lr.detach().flatten() for lr in self.metasgd.lrs]).cpu()

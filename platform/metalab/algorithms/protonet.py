@@ -5,14 +5,17 @@ Reference: Snell, Swersky & Zemel, "Prototypical Networks for Few-shot Learning"
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import LossFn, MetaAlgorithm
+from metalab.algorithms.base import Context, MetaAlgorithm, Predictor
 from metalab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from metalab.tasks.episodes import Task
 
 
 class ProtoNet(MetaAlgorithm):
@@ -43,8 +46,8 @@ class ProtoNet(MetaAlgorithm):
     def embedding(self) -> nn.Module:
         return getattr(self.network, "features", self.network)
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
-        return PrototypeClassifier(self.embedding, support_x, support_y, self.distance, self.temperature)
+    def adapt(self, task: Task, context: Context) -> Predictor:
+        return PrototypeClassifier(self.embedding, task.support_x, task.support_y, self.distance, self.temperature)
 
 
 class PrototypeClassifier(nn.Module):

@@ -9,25 +9,22 @@ import copy
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from metalab.algorithms.base import LossFn, MetaAlgorithm
+from metalab.algorithms.base import Context, MetaAlgorithm, TaskGradient
 from metalab.errors import ConfigError
 
 if TYPE_CHECKING:
-    from metalab.tasks.episodes import Episodes
+    from metalab.tasks.episodes import Task
 
 
 class Reptile(MetaAlgorithm):
     """Per task, a copy of the model takes ``inner_steps`` steps of ``inner_optimizer`` (SGD or Adam with
-    β₁ = 0, as the paper) on the support set, reaching φᵢ. No query loss is differentiated: the outer
-    "gradient" is θ − mean(φᵢ), which the meta-optimiser applies. With ``optimizer=sgd optimizer.lr=ε``
-    that is the paper's θ ← θ + ε·(mean(φᵢ) − θ); the ``reptile`` config selects SGD with ε = 1.
-
-    Lightning runs it with manual optimisation (``autograd_meta_gradient = False``).
+    β₁ = 0, as the paper) on the support set, reaching φᵢ. No query loss is differentiated: a task's
+    meta-gradient is θ − φᵢ, the runner averages them and the meta-optimiser applies θ − mean(φᵢ). With
+    ``optimizer=sgd optimizer.lr=ε`` that is the paper's θ ← θ + ε·(mean(φᵢ) − θ); the ``reptile`` config
+    selects SGD with ε = 1.
     """
-
-    autograd_meta_gradient = False
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  eval_inner_steps: int | None = None, inner_optimizer: Literal["sgd", "adam"] = "sgd") -> None:
@@ -46,28 +43,24 @@ class Reptile(MetaAlgorithm):
     def model(self) -> nn.Module:
         return self.network
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, loss_fn: LossFn, training: bool) -> nn.Module:
+    def adapt(self, task: Task, context: Context) -> nn.Module:
         learner = copy.deepcopy(self.network)
         parameters = list(learner.parameters())
         optimizer = (torch.optim.SGD(parameters, lr=self.inner_lr) if self.inner_optimizer == "sgd"
                      else torch.optim.Adam(parameters, lr=self.inner_lr, betas=(0.0, 0.999)))
+        steps = context.inner_steps or (self.inner_steps if context.training else self.eval_inner_steps)
         with torch.enable_grad():
-            for _ in range(self.inner_steps if training else self.eval_inner_steps):
+            for _ in range(steps):
                 optimizer.zero_grad()
-                loss_fn(learner(support_x), support_y).backward()
+                context.loss_fn(learner(task.support_x), task.support_y).backward()
                 optimizer.step()
         return learner
 
-    def write_meta_gradient(self, tasks: Episodes, loss_fn: LossFn) -> list[Tensor]:
-        initial = list(self.network.parameters())
-        directions = [torch.zeros_like(p) for p in initial]
-        predictions = []
-        for index in range(len(tasks)):
-            learner = self.adapt(tasks.support_x[index], tasks.support_y[index], loss_fn, training=True)
-            for direction, start, reached in zip(directions, initial, learner.parameters(), strict=True):
-                direction += (start.detach() - reached.detach()) / len(tasks)
-            with torch.no_grad():
-                predictions.append(learner(tasks.query_x[index]))
-        for parameter, direction in zip(initial, directions, strict=True):
-            parameter.grad = direction
-        return predictions
+    def task_meta_gradient(self, task: Task, context: Context) -> TaskGradient:
+        """θ − φ: the initialisation minus the weights this task's inner loop reached."""
+        learner = self.adapt(task, context)
+        with torch.no_grad():
+            prediction = learner(task.query_x)
+            direction = tuple(start - reached for start, reached in
+                              zip(self.meta_parameters(), learner.parameters(), strict=True))
+        return TaskGradient(prediction, context.loss_fn(prediction, task.query_y), direction)

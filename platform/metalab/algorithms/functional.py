@@ -1,9 +1,9 @@
 """The inner loop of the MAML family for a whole meta-batch at once, with ``torch.func``.
 
-``vmap`` over tasks of (``grad`` of the support loss through ``functional_call`` → SGD step → query
-prediction). Each task keeps its own batch-norm statistics (``vmap`` maps the task dimension away, so
-every batch-norm call sees one task's samples only), and the outer backward goes through ``grad`` as
-through learn2learn's ``clone()/adapt()``: the two give the same meta-gradient (tests/test_backends.py).
+``vmap`` over tasks of (``grad`` of the support loss through ``functional_call`` → SGD step), then of the
+query prediction with each task's adapted weights. Each task keeps its own batch-norm statistics (``vmap``
+maps the task dimension away, so every batch-norm call sees one task's samples only), and the outer
+backward goes through ``grad`` as through learn2learn's ``clone()/adapt()``: the two give the same meta-gradient (tests/test_backends.py).
 """
 
 from __future__ import annotations
@@ -53,35 +53,35 @@ def batch_statistics_only(network: nn.Module) -> Iterator[None]:
             del module.forward
 
 
-def vmapped_query_predictions(network: nn.Module, adapted: dict[str, Tensor | float], support_x: Tensor,
-                              support_y: Tensor, query_x: Tensor, loss_fn: LossFn, steps: int,
-                              first_order: bool) -> Tensor:
-    """Query predictions (T, Q, *out) after ``steps`` inner SGD steps per task.
+def vectorised_sgd(network: nn.Module, rates: dict[str, Tensor | float], support_x: Tensor, support_y: Tensor,
+                   loss_fn: LossFn, steps: int, first_order: bool) -> Callable[[Tensor], Tensor]:
+    """Adapt every task of a stacked meta-batch by ``steps`` inner SGD steps at once; return the predictor
+    of the stacked queries, (T, Q, *x) → (T, Q, *out).
 
-    ``adapted`` maps the names of the parameters the inner loop updates to their step size (a float,
-    or a tensor shaped like the parameter for Meta-SGD); the other parameters are shared as they are.
+    ``rates`` maps the names of the parameters the inner loop updates to their step size (a float, or a
+    tensor shaped like the parameter for Meta-SGD); the other parameters are shared as they are.
     """
     parameters = dict(network.named_parameters())
     buffers = dict(network.named_buffers())
+    fixed = {name: value for name, value in parameters.items() if name not in rates}
 
     def forward(weights: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(network, (weights, buffers), (x,))
+        return functional_call(network, (weights | fixed, buffers), (x,))
 
-    def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-        fast = {name: parameters[name] for name in adapted}
-        fixed = {name: value for name, value in parameters.items() if name not in adapted}
-
-        def support_loss(weights: dict[str, Tensor]) -> Tensor:
-            return loss_fn(forward(weights | fixed, sx), sy)
-
+    def adapted_weights(sx: Tensor, sy: Tensor) -> dict[str, Tensor]:
+        fast = {name: parameters[name] for name in rates}
         for _ in range(steps):
-            gradients = grad(support_loss)(fast)
+            gradients = grad(lambda weights: loss_fn(forward(weights, sx), sy))(fast)
             if first_order:
                 gradients = {name: g.detach() for name, g in gradients.items()}
-            fast = {name: fast[name] - adapted[name] * gradients[name] for name in fast}
-        return forward(fast | fixed, qx)
+            fast = {name: fast[name] - rates[name] * gradients[name] for name in fast}
+        return fast
 
     with batch_statistics_only(network):
-        return vmap(one_task, randomness="different")(support_x, support_y, query_x)
+        weights = vmap(adapted_weights, randomness="different")(support_x, support_y)  # each (T, *parameter shape)
 
+    def predict(query_x: Tensor) -> Tensor:
+        with batch_statistics_only(network):
+            return vmap(forward, randomness="different")(weights, query_x)
 
+    return predict

@@ -1,9 +1,10 @@
-"""Per-task work of the MAML-family loop, one task after another or spread over CPU threads.
+"""Per-task work, one task after another or spread over CPU threads; and handing Lightning a loss whose
+backward delivers gradients computed beforehand.
 
 Why threads: on a CPU, one small task (a 5-way 1-shot CNN4 episode) keeps PyTorch's intra-op threads
 poorly busy. Giving each of ``n`` workers whole tasks with one intra-op thread each ran ~1.08× the
 loop's meta-iterations/s on 2 cores (benchmarks/meta_training.py). The per-task computation is exactly
-the loop's (learn2learn ``clone()/adapt()``); only the scheduling differs, and results come back in task
+the loop's (the algorithm's ``task_meta_gradient``); only the scheduling differs, and results come back in task
 order, so sums over tasks do not depend on which thread finished first.
 """
 

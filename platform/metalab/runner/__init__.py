@@ -1,0 +1,5 @@
+"""Execution of meta-batches: which backend runs the tasks (see :mod:`metalab.runner.task_runner`)."""
+
+from metalab.runner.task_runner import BACKENDS, TaskRunner, vectorises
+
+__all__ = ["BACKENDS", "TaskRunner", "vectorises"]

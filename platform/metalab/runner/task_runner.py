@@ -1,0 +1,151 @@
+"""How the tasks of a meta-batch are executed: one after another, on CPU threads, or vectorised.
+
+The algorithm says what to compute for one task (:mod:`metalab.algorithms.base`); the runner decides
+how a meta-batch's tasks are scheduled, and hands Lightning one meta-loss whose ``backward()`` delivers
+the mean of the tasks' meta-gradients.
+
+- ``loop``: one task after another; each task's meta-gradient is taken as soon as the task is adapted, so
+  only one task's graph is alive at a time (as in learn2learn's plain loop, one ``backward()`` per task).
+- ``threads``: the loop's per-task work on CPU worker threads, one intra-op thread each (:mod:`.threads`).
+- ``vmap``: the whole (stacked) meta-batch at once through the algorithm's ``vectorised_adapt``; only for
+  algorithms that declare it.
+- ``auto``: times each candidate on the first meta-batch (forward and backward, best of two after a
+  warm-up; ``threads`` only on a CPU with more than one thread) and keeps the fastest (``vmap`` only if it
+  beats the loop by more than ``vmap_margin``). A candidate that fails on the probe batch is dropped and
+  the reason recorded; the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from metalab.algorithms.base import Context, MetaAlgorithm
+from metalab.errors import ConfigError, one_line
+from metalab.runner.threads import map_tasks, with_gradient
+from metalab.tasks.episodes import Episodes
+
+BACKENDS = ("loop", "threads", "vmap", "auto")
+Predictions = Tensor | list[Tensor]  # stacked (T, Q, *out) when every task has one shape, else one per task
+
+
+def vectorises(algorithm: MetaAlgorithm) -> bool:
+    """Whether ``algorithm`` declares ``vectorised_adapt`` (opt-in to ``backend=vmap``)."""
+    return callable(getattr(algorithm, "vectorised_adapt", None))
+
+
+class TaskRunner:
+    """Executes an algorithm over meta-batches with the chosen backend (see the module docstring).
+
+    Arguments:
+        backend: ``loop``, ``threads``, ``vmap`` or ``auto``.
+        vmap_margin: how much faster than the loop ``vmap`` must be for ``auto`` to keep it (it has other
+            numerics and more memory); ``threads`` runs the loop's own computation, so faster at all is enough.
+
+    After the first meta-batch, ``chosen`` is the backend in use and ``probe`` holds what ``auto`` measured
+    (``{"loop": "12.3 ms", "vmap": "failed: RuntimeError: …"}``).
+    """
+
+    def __init__(self, backend: str = "auto", vmap_margin: float = 0.05) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"runner.backend must be {', '.join(BACKENDS[:-1])} or auto, got {backend!r}")
+        if not 0 <= vmap_margin < 1:
+            raise ConfigError(f"runner.vmap_margin must be in [0, 1), got {vmap_margin}")
+        self.backend = backend
+        self.vmap_margin = vmap_margin
+        self.chosen: str | None = None if backend == "auto" else backend
+        self.probe: dict[str, str] = {}
+
+    def check(self, algorithm: MetaAlgorithm) -> None:
+        """Refuse a backend the algorithm cannot run, before anything is trained."""
+        if self.backend == "vmap" and not vectorises(algorithm):
+            raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt, so it "
+                              "cannot run vectorised: use runner.backend=loop, threads or auto")
+
+    def meta_loss(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context,
+                  agree: Callable[[str], str] | None = None) -> tuple[Predictions, Tensor]:
+        """The meta-batch's query predictions (no graph) and the mean query loss, whose ``backward()``
+        gives the meta-parameters the mean of the tasks' meta-gradients.
+
+        ``agree``: with several processes, turns this process's choice of backend into the one every
+        process uses (rank 0's).
+        """
+        if self.chosen is None:
+            self.chosen = self._probe(algorithm, episodes, context)
+            if agree is not None:
+                self.chosen = agree(self.chosen)
+        return self._meta_loss(self.chosen, algorithm, episodes, context)
+
+    def predictions(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context) -> Predictions:
+        """Each task's query predictions after adaptation (evaluation), with the chosen backend (the loop
+        before one is chosen)."""
+        backend = self.chosen or "loop"
+        if backend == "vmap" and episodes.stacked:
+            return algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
+
+        def predict(index: int) -> Tensor:
+            task = episodes[index]
+            return algorithm.adapt(task, context)(task.query_x)
+
+        return _stacked(map_tasks(predict, len(episodes), threaded=backend == "threads"))
+
+    def _meta_loss(self, backend: str, algorithm: MetaAlgorithm, episodes: Episodes,
+                   context: Context) -> tuple[Predictions, Tensor]:
+        if backend == "vmap":
+            if not episodes.stacked:
+                raise ConfigError("runner.backend=vmap needs the tasks of a meta-batch in one shape, and this task "
+                                  "family draws tasks of varying ways or shots: use runner.backend=loop or threads")
+            predictions = algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
+            return predictions.detach(), vmap(context.loss_fn)(predictions, episodes.query_y).mean()
+        parameters = algorithm.meta_parameters()
+        outcomes = map_tasks(lambda index: algorithm.task_meta_gradient(episodes[index], context), len(episodes),
+                             threaded=backend == "threads")
+        mean_gradient = [torch.stack(used).sum(0) / len(episodes) if (used := [g for g in per_task if g is not None])
+                         else None for per_task in zip(*(o.gradient for o in outcomes), strict=True)]
+        loss = torch.stack([o.loss for o in outcomes]).mean()
+        return _stacked([o.prediction for o in outcomes]), with_gradient(loss, parameters, mean_gradient)
+
+    def _probe(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context) -> str:
+        """Time one meta-gradient with each candidate backend on this meta-batch; return the fastest."""
+        candidates = ["loop"]
+        if _on_cpu(episodes) and torch.get_num_threads() > 1:
+            candidates.append("threads")
+        if vectorises(algorithm) and episodes.stacked:
+            candidates.append("vmap")
+        parameters = algorithm.meta_parameters()
+        seconds: dict[str, float] = {}
+        for backend in candidates * 3:  # the first round warms up
+            if backend in self.probe:  # failed already
+                continue
+            start = time.perf_counter()
+            try:
+                _, loss = self._meta_loss(backend, algorithm, episodes, context)
+                torch.autograd.grad(loss, parameters, allow_unused=True)  # leaves .grad untouched
+            except Exception as error:
+                if backend == "loop":  # the reference itself fails: that is the run's error, not the probe's
+                    raise
+                self.probe[backend] = f"failed: {one_line(error)[:200]}"
+                continue
+            elapsed = time.perf_counter() - start
+            seconds[backend] = min(elapsed, seconds.get(backend, elapsed))
+        self.probe = {name: f"{seconds[name] * 1000:.1f} ms" if name in seconds else self.probe[name]
+                      for name in candidates}
+        needed = {"loop": 1.0, "threads": 1.0, "vmap": 1.0 - self.vmap_margin}
+        qualified = [name for name in seconds if seconds[name] <= needed[name] * seconds["loop"]]
+        return min(qualified, key=seconds.__getitem__)
+
+
+def _on_cpu(episodes: Episodes) -> bool:
+    return episodes[0].support_y.device.type == "cpu"
+
+
+def _stacked(predictions: list[Any]) -> Predictions:
+    """One tensor when every task's predictions have one shape (fixed-way families), else the list."""
+    if all(p.shape == predictions[0].shape for p in predictions):
+        return torch.stack(predictions)
+    return predictions
