@@ -99,8 +99,9 @@ def build(cfg: DictConfig, seed: int) -> tuple[TaskFamily, MetaLearner]:
         raise ConfigError(f"task.train_ways={train_ways} differs from task.ways={task.ways}, but "
                           f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: set "
                           "task.train_ways=null, or use a metric-based algorithm (algorithm=protonet)")
+    scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
     return task, MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem,
-                             runner=instantiate(cfg.runner), test_curve_steps=cfg.test_curve_steps)
+                             runner=instantiate(cfg.runner), scheduler=scheduler, test_curve_steps=cfg.test_curve_steps)
 
 
 def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
