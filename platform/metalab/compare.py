@@ -1,34 +1,31 @@
 """``metalab compare``: one table (and plots) of a metric across algorithms × task families over seeds.
 
-Reads runs with ``mlflow.search_runs``; rows and columns are any two config keys (``algorithm`` and
-``task`` by default: the chosen options, from the ``metalab.<group>`` tags; any other key is read from
-the params, e.g. ``task.shots``); a cell is the mean ± 95% CI of the metric over the runs that share
-both keys (the seeds). Writes ``table.md``, ``table.csv``, ``learning_curves.png`` and, where the runs
-vary ``task.shots``, ``accuracy_vs_shots.png``; with ``--sweep`` they are also logged to the sweep's
-parent run, under ``compare/``.
+Reads runs with ``mlflow.search_runs`` (through :class:`metalab.tracking.runs.RunStore`); rows and columns
+are any two config keys (``algorithm`` and ``task`` by default: the chosen options, from the
+``metalab.<group>`` tags; any other key is read from the params, e.g. ``task.shots``); a cell is the mean
+± 95% CI of the metric over the runs that share both keys (the seeds). Writes ``table.md``, ``table.csv``,
+``learning_curves.png`` and, where the runs vary ``task.shots``, ``accuracy_vs_shots.png``; with
+``--sweep`` they are also logged to the sweep's parent run, under ``compare/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
-import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 from metalab.errors import ConfigError
 from metalab.stats import Z_95
+from metalab.tracking.runs import RunStore
+from metalab.tracking.uri import DEFAULT_TRACKING_URI
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
-
-DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 @dataclass
@@ -42,10 +39,8 @@ def compare(tracking_uri: str | None = None, experiments: list[str] | None = Non
             tags: dict[str, str] | None = None, metric: str | None = None, rows: str = "algorithm",
             columns: str = "task", out: Path | None = None) -> Comparison:
     """Compare finished runs; see the module docstring. Raises ConfigError with one line for bad input."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
-    mlflow.set_tracking_uri(uri)  # mlflow.search_runs reads the global URI
-    client = MlflowClient(uri)
-    runs = select_runs(client, experiments, sweep_id, tags or {})
+    store = RunStore(tracking_uri)
+    runs = store.finished_runs(experiments, ({"metalab.sweep_id": sweep_id} if sweep_id else {}) | (tags or {}))
     metric = metric or ("meta_test/post_acc" if "metrics.meta_test/post_acc" in runs else "meta_test/post_loss")
     if f"metrics.{metric}" not in runs or runs[f"metrics.{metric}"].isna().all():
         logged = sorted(c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and runs[c].notna().any())
@@ -56,42 +51,13 @@ def compare(tracking_uri: str | None = None, experiments: list[str] | None = Non
     out = out or Path("reports") / (sweep_id or "compare")
     out.mkdir(parents=True, exist_ok=True)
     files = [write_markdown(table, metric, rows, columns, out / "table.md"), write_csv(table, out / "table.csv"),
-             plot_learning_curves(client, runs, metric, out / "learning_curves.png")]
+             plot_learning_curves(store, runs, metric, out / "learning_curves.png")]
     if "params.task.shots" in runs and runs["params.task.shots"].nunique() > 1:
         files.append(plot_versus_shots(runs, metric, out / "accuracy_vs_shots.png"))
-    if sweep_id:
-        parent = client.search_runs(experiment_ids(client, experiments),
-                                    f"tags.`metalab.sweep_id` = '{sweep_id}' and tags.`metalab.sweep_parent` = 'true'")
-        for run in parent:
-            for file in files:
-                client.log_artifact(run.info.run_id, str(file), "compare")
+    parent = store.sweep_parent(sweep_id, experiments) if sweep_id else None
+    if parent:
+        store.annotate(parent, files=files, folder="compare")
     return Comparison(table, metric, files)
-
-
-def experiment_ids(client: MlflowClient, names: list[str] | None) -> list[str]:
-    experiments = client.search_experiments()
-    chosen = [e for e in experiments if names is None or e.name in names]
-    missing = set(names or []) - {e.name for e in experiments}
-    if missing:
-        raise ConfigError(f"no experiment named {', '.join(sorted(missing))}; there are: "
-                          f"{', '.join(sorted(e.name for e in experiments)) or 'none'}")
-    return [e.experiment_id for e in chosen]
-
-
-def select_runs(client: MlflowClient, experiments: list[str] | None, sweep_id: str | None,
-                tags: dict[str, str]) -> pd.DataFrame:
-    """Finished runs (no sweep parents) matching every filter, as mlflow.search_runs' DataFrame."""
-    clauses = ["attributes.status = 'FINISHED'"]
-    clauses += [f"tags.`{key}` = '{value}'" for key, value in ({"metalab.sweep_id": sweep_id} if sweep_id else {}
-                                                            | tags).items()]
-    runs = mlflow.search_runs(experiment_ids(client, experiments), " and ".join(clauses), max_results=50_000)
-    if "tags.metalab.sweep_parent" in runs:
-        runs = runs[runs["tags.metalab.sweep_parent"] != "true"]
-    if runs.empty:
-        chosen = f"experiments {', '.join(experiments)}" if experiments else "all experiments"
-        raise ConfigError(f"no finished run matches ({chosen}, sweep={sweep_id}, tags={tags}): check the filters "
-                          "(`mlflow ui` shows what is there)")
-    return runs
 
 
 def key_values(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -133,15 +99,14 @@ def write_csv(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_learning_curves(client: MlflowClient, runs: pd.DataFrame, metric: str, path: Path) -> Path:
+def plot_learning_curves(store: RunStore, runs: pd.DataFrame, metric: str, path: Path) -> Path:
     """The validation curve of the metric (``meta_val/...``) against step, mean ± std across seeds."""
     curve = metric.replace("meta_test/", "meta_val/")
     columns = sorted(runs["_column"].unique())
     figure, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 3.6), squeeze=False)
     for axis, column in zip(axes[0], columns, strict=True):
         for row, group in runs[runs["_column"] == column].groupby("_row"):
-            histories = [{m.step: m.value for m in client.get_metric_history(run_id, curve)} for run_id in
-                         group["run_id"]]
+            histories = [store.metric_history(run_id, curve) for run_id in group["run_id"]]
             steps = sorted(set().union(*histories))
             if not steps:
                 continue
@@ -173,7 +138,7 @@ def plot_versus_shots(runs: pd.DataFrame, metric: str, path: Path) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_URI}")
+    parser.add_argument("--tracking-uri", help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
     parser.add_argument("--experiment", action="append", dest="experiments", help="repeatable; default: all")
     parser.add_argument("--sweep", dest="sweep_id", help="a sweep id (tag metalab.sweep_id)")
     parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE, repeatable")

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from metalab.config import config_dir, experiments_dir, register_configs
 from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError
 from metalab.overrides import describe
+from metalab.tracking.runs import RecordedRun, RunStore
 
 SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "task.meta_batch_size=2",
@@ -98,16 +97,9 @@ def run_preset(name: str, overrides: list[str]) -> tuple[int, str]:
     return process.returncode, errors[-1].removeprefix("metalab: error: ") if errors else ""
 
 
-def latest_run(client: MlflowClient, name: str, cfg: DictConfig) -> Run | None:
+def latest_run(store: RunStore, name: str, cfg: DictConfig) -> RecordedRun | None:
     """The newest FINISHED run of preset ``name`` trained for as many steps as ``cfg`` says."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return None
-    runs = client.search_runs(experiments, filter_string=f"tags.`metalab.experiment` = '{name}' and "
-                              f"attributes.status = 'FINISHED' and "
-                              f"params.`trainer.max_steps` = '{cfg.trainer.max_steps}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
+    return store.latest_finished_run({"metalab.experiment": name}, {"trainer.max_steps": cfg.trainer.max_steps})
 
 
 def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = None,
@@ -129,14 +121,14 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         if status:
             row.problem, row.data_missing = error or f"exit status {status}", status == DATA_MISSING_EXIT_CODE
             return row
-    client = MlflowClient(str(cfg.tracking.get("tracking_uri") or "sqlite:///mlflow.db"))
-    run = latest_run(client, name, cfg)
+    store = RunStore(cfg.tracking.get("tracking_uri"))  # tracking=none: $MLFLOW_TRACKING_URI or the default
+    run = latest_run(store, name, cfg)
     if run is None:
         row.problem = (f"no finished run of {name} with trainer.max_steps={cfg.trainer.max_steps} in "
-                       f"{client.tracking_uri}: run `metalab reproduce {name}` first")
+                       f"{store.tracking_uri}: run `metalab reproduce {name}` first")
         return row
-    metrics = run.data.metrics
-    row.run_id = run.info.run_id
+    metrics = run.metrics
+    row.run_id = run.run_id
     if spec.metric not in metrics:
         row.problem = f"run {row.run_id} has no metric {spec.metric}"
         return row
@@ -145,18 +137,16 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
     steps = int(cfg.get("test_curve_steps") or 0)
     if steps:
         row.curve = [metrics.get(f"{spec.metric}_step{k}", math.nan) * spec.scale for k in range(1, steps + 1)]
-    record(client, row)
+    record(store, row)
     return row
 
 
-def record(client: MlflowClient, row: Row) -> None:
+def record(store: RunStore, row: Row) -> None:
     """Put the verdict on the run: tags and a one-row ``reproduction.md``."""
     tags = {"metalab.reproduction.verdict": row.verdict, "metalab.reproduction.ours": f"{row.ours:.4g}"}
     if row.difference is not None:
         tags["metalab.reproduction.difference"] = f"{row.difference:+.4g}"
-    for key, value in tags.items():
-        client.set_tag(row.run_id, key, value)
-    client.log_text(row.run_id, markdown([row]), "reproduction.md")
+    store.annotate(row.run_id, tags, texts={"reproduction.md": markdown([row])})
 
 
 def _number(value: float | None, ci95: float | None = None) -> str:

@@ -13,27 +13,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import MLFlowLogger
 
-import metalab
 from metalab.errors import ConfigError, one_line
-from metalab.reliability import require_reachable
-from metalab.sweep import current_sweep
 from metalab.tracking.base import RunInfo, Tracking
-from metalab.tracking.git import git_state
+from metalab.tracking.client import experiment_id, fit_tags, source_tags
+from metalab.tracking.logger import MLflowRunLogger, ResumedMLFlowLogger
+from metalab.tracking.sweeps import current_sweep
+from metalab.tracking.uri import DEFAULT_TRACKING_URI, require_reachable
 
-MAX_TAG_LENGTH = 5000
 RUN_ID_FILE = "mlflow_run_id"  # written into the job's output folder when its run starts
-
-
-def source_tags() -> dict[str, str]:
-    """Where a run's code came from: metalab's version, git commit and whether the checkout was dirty."""
-    tags = {"mlflow.source.name": "metalab-train", "mlflow.source.type": "LOCAL",
-            "metalab.version": metalab.__version__}
-    git = git_state(Path(metalab.__file__).parent)
-    if git:
-        tags |= {"mlflow.source.git.commit": git["commit"], "metalab.git.dirty": git["dirty"]}
-    return tags
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -54,12 +42,13 @@ class MLflowTracking(Tracking):
     (``run_id=``) and streams the metrics.
 
     Arguments:
-        tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlflow.db``.
+        tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI``, else ``DEFAULT_TRACKING_URI``
+            (``metalab.tracking.uri``).
         experiment_name: ``None`` = the task family's name, so runs compare across algorithms by design.
         run_name: ``None`` = ``<algorithm>-<task>-<time>``.
     """
 
-    def __init__(self, tracking_uri: str = "sqlite:///mlflow.db", experiment_name: str | None = None,
+    def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str | None = None,
                  run_name: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
@@ -74,7 +63,7 @@ class MLflowTracking(Tracking):
     def check(self) -> None:
         require_reachable(self.tracking_uri)
 
-    def start(self, cfg: DictConfig, info: RunInfo) -> MLFlowLogger:
+    def start(self, cfg: DictConfig, info: RunInfo) -> MLflowRunLogger:
         require_reachable(self.tracking_uri)
         tags = {"metalab.output_dir": str(info.output_dir),
                 "metalab.checkpoint_dir": str(info.output_dir / "checkpoints")}
@@ -83,7 +72,7 @@ class MLflowTracking(Tracking):
         info.output_dir.mkdir(parents=True, exist_ok=True)
         (info.output_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n")  # for resume=auto after a requeue
         # Asynchronous: a metric write never blocks a training step (flushed in finish()).
-        return MLFlowLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, synchronous=False)
+        return MLflowRunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, synchronous=False)
 
     def locate(self, run_id: str) -> tuple[Path, Path]:
         require_reachable(self.tracking_uri)
@@ -98,7 +87,7 @@ class MLflowTracking(Tracking):
                               "stopped): start a new run")
         return Path(run.data.tags["metalab.output_dir"]), checkpoint
 
-    def resume(self, run_id: str) -> MLFlowLogger:
+    def resume(self, run_id: str) -> ResumedMLFlowLogger:
         _, checkpoint = self.locate(run_id)
         run = self.client.get_run(run_id)
         self.run_id = run_id
@@ -116,21 +105,19 @@ class MLflowTracking(Tracking):
         return marker.read_text().strip() or None
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value[:MAX_TAG_LENGTH])
+        for key, value in fit_tags(tags).items():
+            self.client.set_tag(self.run_id, key, value)
 
     def _create_run(self, experiment_name: str, run_name: str, choices: dict[str, str], tags: dict[str, str]) -> None:
         """A run in the sweep's experiment, nested under its parent, or in ``experiment_name`` alone."""
         sweep = current_sweep()
         if sweep is not None:
-            experiment_id = sweep.experiment_id
+            experiment = sweep.experiment_id
             tags = tags | {"mlflow.parentRunId": sweep.parent_run_id, "metalab.sweep_id": sweep.sweep_id}
         else:
-            name = self.experiment_name or experiment_name
-            experiment = self.client.get_experiment_by_name(name)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+            experiment = experiment_id(self.client, self.experiment_name or experiment_name)
         tags = tags | source_tags() | {f"metalab.{group}": choice for group, choice in choices.items()}
-        run = self.client.create_run(experiment_id, run_name=self.run_name or run_name, tags=tags)
+        run = self.client.create_run(experiment, run_name=self.run_name or run_name, tags=fit_tags(tags))
         self.run_id = run.info.run_id
 
     def _log_config(self, cfg: DictConfig, info: RunInfo) -> None:
@@ -154,22 +141,9 @@ class MLflowTracking(Tracking):
             runtime = HydraConfig.get()
             choices = {g: str(c) for g, c in runtime.runtime.choices.items() if c and not g.startswith("hydra")}
             self._create_run("", f"{choices.get('algorithm', 'run')}-failed", choices,
-                             {"metalab.overrides": " ".join(runtime.overrides.task)[:MAX_TAG_LENGTH]})
+                             {"metalab.overrides": " ".join(runtime.overrides.task)})
         mlflow.flush_async_logging()  # every metric logged so far is stored before the status changes
         if error is not None:
-            self.client.set_tag(self.run_id, "metalab.error", one_line(error)[:MAX_TAG_LENGTH])
+            self.set_tags({"metalab.error": one_line(error)})
         self.client.set_terminated(self.run_id, status)
 
-
-class ResumedMLFlowLogger(MLFlowLogger):
-    """Lightning's MLflow logger for a resumed run: drops values at steps the run already holds."""
-
-    def __init__(self, logged_steps: dict[str, int], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.logged_steps = logged_steps
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        fresh = {key: value for key, value in metrics.items()
-                 if step is None or step > self.logged_steps.get(key, -1)}
-        if fresh:
-            super().log_metrics(fresh, step)

@@ -1,0 +1,86 @@
+"""A Hydra multirun as one MLflow parent run, every job's run nested under it (``metalab.sweep`` wires it to Hydra).
+
+:func:`open_sweep` creates the parent run and writes :data:`SWEEP_FILE` into the sweep folder. Each job, in
+whatever process or machine the launcher runs it (basic, joblib, SLURM), finds it with :func:`current_sweep`
+and tags its run with ``mlflow.parentRunId`` and ``metalab.sweep_id`` (MLflow's own nesting does not
+span processes). :func:`close_sweep` counts the jobs on the parent and records an optimiser's best trial.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from metalab.tracking.client import experiment_id, fit_tags, source_tags
+
+SWEEP_FILE = "metalab_sweep.json"
+DEFAULT_EXPERIMENT = "sweeps"
+
+
+@dataclass
+class Sweep:
+    sweep_id: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    @classmethod
+    def read(cls, folder: Path) -> Sweep | None:
+        """The sweep opened in ``folder``, or ``None`` if none was (e.g. with ``tracking=none``)."""
+        path = folder / SWEEP_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+def current_sweep() -> Sweep | None:
+    """The sweep this job belongs to, or ``None`` outside a tracked multirun."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Sweep.read(Path(HydraConfig.get().sweep.dir))
+
+
+def open_sweep(folder: Path, tracking_uri: str, experiment_name: str | None = None,
+               tags: Mapping[str, str] | None = None) -> Sweep:
+    """Create the parent run in ``experiment_name`` (default :data:`DEFAULT_EXPERIMENT`) and write
+    :data:`SWEEP_FILE` into ``folder`` so that the jobs find it."""
+    client = MlflowClient(tracking_uri)
+    experiment = experiment_id(client, experiment_name or DEFAULT_EXPERIMENT)
+    sweep_id = f"sweep-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    run = client.create_run(experiment, run_name=sweep_id, tags=fit_tags(
+        {"metalab.sweep_id": sweep_id, "metalab.sweep_parent": "true", **(tags or {}), **source_tags()}))
+    sweep = Sweep(sweep_id, run.info.run_id, experiment, tracking_uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SWEEP_FILE).write_text(json.dumps(asdict(sweep)))
+    return sweep
+
+
+def close_sweep(sweep: Sweep, best_params: Mapping[str, Any] | None = None, best_value: float | None = None,
+                files: Sequence[Path] = ()) -> dict[str, int]:
+    """Count the jobs' end states on the parent run (``sweep/jobs*``), record the best trial of a search
+    (params ``best.<key>``, metric ``sweep/best_value``) and ``files``, and close the parent; return the counts."""
+    client = MlflowClient(sweep.tracking_uri)
+    runs = client.search_runs([sweep.experiment_id], f"tags.`metalab.sweep_id` = '{sweep.sweep_id}'",
+                              max_results=10_000)
+    statuses = [run.info.status for run in runs if run.info.run_id != sweep.parent_run_id]
+    counts = {"sweep/jobs": len(statuses), "sweep/jobs_finished": statuses.count("FINISHED"),
+              "sweep/jobs_failed": statuses.count("FAILED"), "sweep/jobs_killed": statuses.count("KILLED")}
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, 0) for key, value in counts.items()]
+    if best_value is not None:
+        metrics.append(Metric("sweep/best_value", float(best_value), now, 0))
+    params = [Param(f"best.{key}", str(value)) for key, value in (best_params or {}).items()]
+    client.log_batch(sweep.parent_run_id, metrics=metrics, params=params)
+    for file in files:
+        client.log_artifact(sweep.parent_run_id, str(file))
+    client.set_terminated(sweep.parent_run_id, "FINISHED")
+    return counts

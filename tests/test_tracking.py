@@ -1,0 +1,110 @@
+"""One concern, one package: MLflow is called from metalab/tracking/ only, the default store is spelled once,
+and `report` records what the learner hands it through whichever logger it has."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pytest
+from matplotlib import pyplot as plt
+from mlflow.tracking import MlflowClient
+from pytorch_lightning.loggers import Logger
+
+import metalab
+from metalab.tracking import DEFAULT_TRACKING_URI, MAX_TAG_LENGTH, MLflowRunLogger, report
+from metalab.tracking.logger import ResumedMLFlowLogger
+
+PACKAGE = Path(metalab.__file__).parent
+TRACKING = PACKAGE / "tracking"
+CONF = PACKAGE.parents[1] / "conf"
+
+
+def sources() -> dict[Path, str]:
+    return {path: path.read_text() for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_only_the_tracking_package_imports_mlflow() -> None:
+    importing = {path for path, text in sources().items()
+                 if re.search(r"^\s*(import mlflow|from mlflow[\s.])", text, re.MULTILINE)}
+    assert importing, "the pattern finds nothing: it no longer matches how MLflow is imported"
+    assert {path.relative_to(PACKAGE) for path in importing if TRACKING not in path.parents} == set()
+    # ... and tracking/ depends on none of its users (sweep.py once imported mlflow_tracking.py and back).
+    users = re.compile(r"^\s*(from|import) metalab\.(sweep|compare|reproduce|learner|train)\b", re.MULTILINE)
+    assert [path.name for path in TRACKING.glob("*.py") if users.search(path.read_text())] == []
+
+
+def test_the_default_store_is_spelled_once() -> None:
+    spelled = [(path.relative_to(PACKAGE), text.count(DEFAULT_TRACKING_URI)) for path, text in sources().items()
+               if DEFAULT_TRACKING_URI in text]
+    assert spelled == [(Path("tracking/uri.py"), 1)]
+    in_yaml = [path.relative_to(CONF) for path in CONF.rglob("*.yaml") if DEFAULT_TRACKING_URI in path.read_text()]
+    assert in_yaml == [Path("tracking/mlflow.yaml")]  # the fallback of ${oc.env:MLFLOW_TRACKING_URI,...}
+
+
+def figure() -> plt.Figure:
+    drawn, axis = plt.subplots(figsize=(2, 2))
+    axis.plot([0, 1], [1, 0])
+    return drawn
+
+
+def test_report_records_tags_figures_and_metrics_on_the_mlflow_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/runs.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("report")).info.run_id
+    logger = MLflowRunLogger(tracking_uri=uri, run_id=run_id, synchronous=False)  # as MLflowTracking.start
+    curve = figure()
+    report(logger, tags={"metalab.backend": "vmap", "metalab.long": "x" * (MAX_TAG_LENGTH + 10)},
+           figures={"inner_loop.png": curve}, metrics={"meta_train/inner_lr": 0.5}, step=7)
+    report(logger, metrics={"meta_train/inner_lr": 0.25}, step=9)
+    mlflow.flush_async_logging()
+    tags = client.get_run(run_id).data.tags
+    assert tags["metalab.backend"] == "vmap" and tags["metalab.long"] == "x" * MAX_TAG_LENGTH
+    assert [artifact.path for artifact in client.list_artifacts(run_id)] == ["inner_loop.png"]
+    history = client.get_metric_history(run_id, "meta_train/inner_lr")
+    assert sorted((metric.step, metric.value) for metric in history) == [(7, 0.5), (9, 0.25)]
+    assert not plt.fignum_exists(curve.number)
+
+
+def test_a_resumed_run_reports_too_but_skips_steps_it_holds(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/runs.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    logger = ResumedMLFlowLogger({"loss": 5}, tracking_uri=uri, run_id=run_id)
+    report(logger, tags={"metalab.resumed": "yes"}, metrics={"loss": 1.0}, step=5)  # logged before it died
+    report(logger, metrics={"loss": 2.0}, step=6)
+    assert client.get_run(run_id).data.tags["metalab.resumed"] == "yes"
+    assert [(metric.step, metric.value) for metric in client.get_metric_history(run_id, "loss")] == [(6, 2.0)]
+
+
+class Recorder(Logger):
+    """A Lightning logger that is not MLflow's: it records metrics only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[dict[str, float], int | None]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: object, *args: object, **kwargs: object) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((metrics, step))
+
+
+@pytest.mark.parametrize("logger", [None, Recorder()], ids=["no logger", "another logger"])
+def test_report_without_mlflow_keeps_the_metrics_it_can_and_closes_the_figures(logger: Logger | None) -> None:
+    curve = figure()
+    report(logger, tags={"metalab.backend": "vmap"}, figures={"inner_loop.png": curve}, metrics={"loss": 1.0},
+           step=3)
+    assert not plt.fignum_exists(curve.number)
+    if logger is not None:
+        assert logger.logged == [({"loss": 1.0}, 3)]
