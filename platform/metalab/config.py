@@ -8,13 +8,14 @@ and its YAML starts with ``defaults: [<option>_schema, _self_]``. A new option n
 
 from __future__ import annotations
 
+import enum
 import inspect
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, make_dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -23,7 +24,6 @@ from hydra.utils import get_object
 from omegaconf import MISSING as OMEGACONF_MISSING
 from omegaconf import OmegaConf
 
-PRIMITIVES = (int, float, str, bool)
 OBJECT_GROUPS = ("algorithm", "task", "model", "tracking")
 
 
@@ -121,37 +121,129 @@ class MetalabConfig:
     reproduction: ReproductionConfig | None = None  # set by experiments/ presets: the published number
 
 
+# The schema generator is our own, not hydra-zen's `builds(populate_full_signature=True)` (0.17.2 tried):
+# hydra-zen turns every annotation OmegaConf cannot check (`dict[str, int] | None`, `int | float`, a
+# Literal, a class) into `Any`, so a mistyped value reaches the constructor unchecked and an unsupported
+# type passes unnoticed; it does not follow `**kwargs` to the base class; and it writes a `Path` default
+# as a pickled Python object in `--cfg job`. Doing what we need here takes less code than adapting it.
+PRIMITIVES = (int, float, str, bool)
+# Argument types that are live objects handed in by train.py at `instantiate` (an algorithm's `model`, built
+# from `model/`): no config value, so no schema field. Every other type the generator cannot express is an
+# error at registration, never a silent skip. Import paths, so importing this module does not import torch.
+INJECTED = ("torch.nn.Module",)
+EXPRESSIBLE = ("int, float, str, bool, Path, an Enum, a Literal of one type, list[X], tuple[X, ...], dict[str, X] "
+               "or X | None of these (int | float is read as float)")
+
+
 def _config_type(annotation: Any) -> Any:
-    """The OmegaConf type for a constructor annotation, or ``None`` if it is no config value."""
+    """The OmegaConf type that checks values of a constructor annotation; ``TypeError`` (saying why) if none."""
     if annotation in PRIMITIVES or annotation is Any:
         return annotation
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return str  # YAML holds a string; the constructor converts it (`Path(root)`)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation  # OmegaConf checks the member name
+    if annotation in (list, tuple, Sequence):
+        return list[Any]
+    if annotation in (dict, Mapping):
+        return dict[str, Any]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Literal and all(isinstance(arg, str) for arg in args):
-        return str  # the constructor checks the value and names the choices
-    if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
-        inner = _config_type(next(arg for arg in args if arg is not type(None)))
-        return None if inner is None else inner | None
-    if origin in (list, tuple, Sequence) and args and args[0] in PRIMITIVES:
-        return list[args[0]]
-    return None  # a runtime object (e.g. the model handed to an algorithm by train.py)
+    if origin is typing.Literal:
+        kinds = {type(arg) for arg in args}  # {bool} for Literal[True, False]: bool is not int here
+        if len(kinds) == 1 and kinds <= set(PRIMITIVES):
+            return kinds.pop()  # the constructor checks the value and names the choices
+        raise TypeError("its values are not all int, all str, all float or all bool")
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_config_type(arg) for arg in args if arg is not type(None)}
+        if kinds == {int, float}:
+            kinds = {float}  # OmegaConf has no int-or-float: 2 arrives as 2.0, which such a constructor takes
+        if len(kinds) != 1:
+            raise TypeError("OmegaConf's only unions are Optional[X] (and int | float is read as float)")
+        (kind,) = kinds
+        return kind | None if type(None) in args else kind
+    if origin in (list, Sequence) or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        return list[_config_type(args[0])]
+    if origin is tuple:  # fixed length, e.g. (int, int): a list of the one item type (its length is not checked)
+        kinds = {_config_type(arg) for arg in args}
+        if len(kinds) != 1:
+            raise TypeError("a tuple of different item types has no OmegaConf type")
+        return list[kinds.pop()]
+    if origin in (dict, Mapping):
+        if args[0] is not str:
+            raise TypeError("config keys are strings: use dict[str, ...]")
+        return dict[str, _config_type(args[1])]
+    raise TypeError(f"OmegaConf has no type for {inspect.formatannotation(annotation)}")
+
+
+def _is_injected(annotation: Any) -> bool:
+    return isinstance(annotation, type) and any(issubclass(annotation, get_object(path)) for path in INJECTED)
+
+
+def _constructor_arguments(cls: type) -> list[tuple[type, inspect.Parameter]]:
+    """Each named argument of ``cls``'s constructor with the class that declares it. While a constructor takes
+    ``**kwargs``, the arguments of the next constructor up the MRO that it does not name itself follow (with
+    that constructor's defaults): what ``cls(...)`` accepts when it passes ``**kwargs`` on to ``super().__init__``.
+    ``*args`` gets no field: Hydra passes config values by name."""
+    arguments: dict[str, tuple[type, inspect.Parameter]] = {}
+    for owner in cls.__mro__:
+        if "__init__" not in vars(owner):
+            continue
+        if owner is object:
+            break
+        parameters = list(inspect.signature(vars(owner)["__init__"]).parameters.values())[1:]  # without self
+        for parameter in parameters:
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                arguments.setdefault(parameter.name, (owner, parameter))
+        if all(parameter.kind is not parameter.VAR_KEYWORD for parameter in parameters):
+            break
+    return list(arguments.values())
+
+
+def _field(default: Any) -> Any:
+    if default is inspect.Parameter.empty:  # a required argument: OmegaConf's "???" (must be set)
+        return field(default=OMEGACONF_MISSING)
+    if isinstance(default, PurePath):
+        return field(default=str(default))
+    if isinstance(default, list | tuple):
+        return field(default_factory=lambda value=list(default): list(value))
+    if isinstance(default, dict):
+        return field(default_factory=lambda value=dict(default): dict(value))
+    return field(default=default)
 
 
 def schema_for(target: str) -> type:
-    """A dataclass mirroring the typed constructor arguments of ``target`` (an import path)."""
+    """A dataclass mirroring the typed constructor arguments of ``target`` (an import path), following
+    ``**kwargs`` to the base classes' constructors. Raises ``TypeError`` naming the class, the argument and
+    the annotation for an argument whose type no config value can have (see ``EXPRESSIBLE``, ``INJECTED``)."""
     cls = get_object(target)
-    hints = typing.get_type_hints(cls.__init__)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=target))]
-    for name, parameter in inspect.signature(cls.__init__).parameters.items():
-        kind = _config_type(hints.get(name, Any))
-        if name == "self" or kind is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+    hints: dict[type, dict[str, Any]] = {}
+    for owner, parameter in _constructor_arguments(cls):
+        if owner not in hints:
+            try:
+                hints[owner] = typing.get_type_hints(vars(owner)["__init__"])
+            except NameError as error:  # a name imported under TYPE_CHECKING only, or a typo
+                raise TypeError(f"{target}: cannot resolve the annotations of {owner.__qualname__}.__init__ "
+                                f"({error}): import the names they use at module level") from None
+        name = parameter.name
+        written = parameter.annotation if isinstance(parameter.annotation, str) else (
+            inspect.formatannotation(parameter.annotation))
+        where = f"{target}({name}: {written})"
+        if owner is not cls:
+            where += f" [from {owner.__module__}.{owner.__qualname__} through **kwargs]"
+        if name not in hints[owner]:
+            raise TypeError(f"{target}({name}) [declared in {owner.__qualname__}] has no annotation: schema "
+                            f"generation needs its type to check config values; annotate it with {EXPRESSIBLE}")
+        annotation = hints[owner][name]
+        if _is_injected(annotation):
             continue
-        default = parameter.default
-        if default is inspect.Parameter.empty:  # a required argument: OmegaConf's "???" (must be set)
-            fields.append((name, kind, field(default=OMEGACONF_MISSING)))
-        elif isinstance(default, list | tuple):
-            fields.append((name, kind, field(default_factory=lambda value=list(default): list(value))))
-        else:
-            fields.append((name, kind, field(default=default)))
+        try:
+            kind = _config_type(annotation)
+        except TypeError as reason:
+            raise TypeError(f"{where}: schema generation cannot express {written} ({reason}); annotate it with "
+                            f"{EXPRESSIBLE}, or add its type to metalab.config.INJECTED if train.py passes the "
+                            "object in") from None
+        fields.append((name, kind, _field(parameter.default)))
     return make_dataclass(f"{cls.__name__}Config", fields)
 
 

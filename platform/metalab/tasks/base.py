@@ -24,13 +24,21 @@ class TaskFamily(pl.LightningDataModule):
     Meta-training draws fresh meta-batches forever from a generator seeded by ``seed``. Validation and
     test use fixed task sets drawn from ``eval_seed``, the same for every run whatever its training seed,
     so runs (and seeds) are compared on identical tasks. Subclasses implement :meth:`sample`.
+
+    Arguments (every family's; a subclass takes ``**kwargs`` and passes them up, so its schema has these too):
+        meta_batch_size: tasks per outer-loop update.
+        val_tasks, test_tasks: sizes of the fixed validation and test task sets.
+        eval_batch_size: tasks per batch when validating and testing (memory, not results).
+        seed: draws the training tasks (``${seed}`` in the YAML: the run's seed).
+        eval_seed: draws the validation and test tasks.
+    The defaults are MAML's sinusoid settings; ``conf/task/<family>.yaml`` gives each family its own.
     """
 
     name: str
     problem: Problem
 
-    def __init__(self, meta_batch_size: int, val_tasks: int, test_tasks: int, eval_batch_size: int,
-                 seed: int, eval_seed: int) -> None:
+    def __init__(self, *, meta_batch_size: int = 25, val_tasks: int = 100, test_tasks: int = 600,
+                 eval_batch_size: int = 100, seed: int = 0, eval_seed: int = 1) -> None:
         super().__init__()
         for key, value in {"meta_batch_size": meta_batch_size, "val_tasks": val_tasks,
                            "test_tasks": test_tasks, "eval_batch_size": eval_batch_size}.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -18,18 +19,15 @@ class ImageFolder(ImageClassFamily):
     """Few-shot classification over a class-per-folder image tree.
 
     ``split_file`` (default ``<root>/split.yaml``) lists the classes of each split; the three lists must
-    be disjoint. Images are read as grey (``channels: 1``) or RGB (``channels: 3``) at ``image_size``.
+    be disjoint. Images are read as grey (``channels: 1``) or RGB (``channels: 3``, the default) at
+    ``image_size``. ``kwargs``: :class:`ImageClassFamily`'s episode settings and :class:`TaskFamily`'s.
     """
 
     name = "folder"
 
-    def __init__(self, root: str, split_file: str | None = None, image_size: int = 84,
-                 channels: int = 3, ways: int = 5, shots: int = 1, queries: int = 15, meta_batch_size: int = 4,
-                 val_tasks: int = 100, test_tasks: int = 600, eval_batch_size: int = 20, seed: int = 0,
-                 eval_seed: int = 1,
-                 train_ways: int | None = None, train_queries: int | None = None) -> None:
-        super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels, train_ways, train_queries)
+    def __init__(self, *, root: str | Path, split_file: str | Path | None = None, image_size: int = 84,
+                 channels: int = 3, **kwargs: Any) -> None:
+        super().__init__(channels=channels, **kwargs)
         self.root = Path(root).expanduser()
         self.split_file = Path(split_file).expanduser() if split_file else self.root / "split.yaml"
         self.image_size = image_size

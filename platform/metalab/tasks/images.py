@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import learn2learn as l2l
 import torch
@@ -38,15 +39,16 @@ class ImageClassFamily(TaskFamily):
     Subclasses load the data (:meth:`load_split`); episodes are built with learn2learn's
     ``MetaDataset``/``Taskset`` and its ``NWays``, ``KShots``, ``LoadData``, ``RemapLabels`` transforms.
     Those transforms draw from Python's ``random``; :meth:`sample` seeds it from the task generator,
-    so episodes depend on the run's seed alone. Images are served as float in [0, 1], (C, H, W).
+    so episodes depend on the run's seed alone. Images are served as float in [0, 1], (C, H, W), with
+    ``channels`` 1 (grey) or 3 (RGB) whatever the data's own. ``kwargs``: :class:`TaskFamily`'s; a subclass
+    takes ``**kwargs`` too and names an argument of these only to give it another default.
     """
 
     problem = "classification"
 
-    def __init__(self, ways: int, shots: int, queries: int, meta_batch_size: int, val_tasks: int,
-                 test_tasks: int, eval_batch_size: int, seed: int, eval_seed: int, channels: int,
-                 train_ways: int | None = None, train_queries: int | None = None) -> None:
-        super().__init__(meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed, eval_seed)
+    def __init__(self, *, ways: int = 5, shots: int = 1, queries: int = 15, channels: int = 1,
+                 train_ways: int | None = None, train_queries: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         for key, value in {"ways": ways, "shots": shots, "queries": queries, "train_ways": train_ways,
                            "train_queries": train_queries}.items():
             if value is not None and value < 1:

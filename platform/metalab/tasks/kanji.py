@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,26 +111,22 @@ def split_alphabets(glyphs: list[Glyph], num_classes: int, min_alphabet_size: in
 class KanjiHandwriting(ImageClassFamily):
     """Omniglot-like few-shot classification rendered from KanjiVG, offline.
 
-    Arguments (beyond the episode settings): ``image_size`` (28 as Omniglot), ``channels`` (1 grey,
-    3 = grey repeated), ``drawers`` per class (20 as Omniglot), ``num_classes`` (1623 as Omniglot),
-    ``background_fraction`` / ``val_fraction`` of classes for train+val / val, ``min_alphabet_size`` and
-    ``max_alphabet_size`` (glyphs an alphabet must have / may give),
+    Arguments: ``image_size`` (28 as Omniglot), ``drawers`` per class (20 as Omniglot), ``num_classes``
+    (1623 as Omniglot), ``background_fraction`` / ``val_fraction`` of classes for train+val / val,
+    ``min_alphabet_size`` and ``max_alphabet_size`` (glyphs an alphabet must have / may give),
     ``split_seed`` (which alphabets go where), ``variation`` (scales all drawer variation; 0 = identical
     drawers), ``cache_dir`` (rendered images; ``None`` = ``$XDG_CACHE_HOME/metalab`` or ``~/.cache/metalab``).
+    ``kwargs``: :class:`ImageClassFamily`'s episode settings (``channels`` 1 grey, 3 = grey repeated) and
+    :class:`TaskFamily`'s.
     """
 
     name = "kanji"
 
-    def __init__(self, ways: int = 5, shots: int = 1, queries: int = 15, image_size: int = 28, channels: int = 1,
-                 drawers: int = 20, num_classes: int = 1623, background_fraction: float = 0.6,
-                 val_fraction: float = 0.1, min_alphabet_size: int = 14, max_alphabet_size: int = 55,
-                 split_seed: int = 0,
-                 variation: float = 1.0, cache_dir: str | None = None,
-                 meta_batch_size: int = 16, val_tasks: int = 100, test_tasks: int = 600, eval_batch_size: int = 50,
-                 seed: int = 0, eval_seed: int = 1,
-                 train_ways: int | None = None, train_queries: int | None = None) -> None:
-        super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels, train_ways, train_queries)
+    def __init__(self, *, image_size: int = 28, drawers: int = 20, num_classes: int = 1623,
+                 background_fraction: float = 0.6, val_fraction: float = 0.1, min_alphabet_size: int = 14,
+                 max_alphabet_size: int = 55, split_seed: int = 0, variation: float = 1.0,
+                 cache_dir: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if image_size < 8 or drawers < 1 or num_classes < 3 or variation < 0:
             raise ConfigError(f"task.image_size >= 8, task.drawers >= 1, task.num_classes >= 3 and task.variation "
                               f">= 0 are needed; got {image_size}, {drawers}, {num_classes}, {variation}")

@@ -6,6 +6,7 @@ import csv
 import pickle
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,16 +25,15 @@ class MiniImageNet(ImageClassFamily):
 
     Pickles hold ``{"image_data": uint8 (N, 84, 84, 3), "class_dict": {class: [indices]}}`` per split;
     CSV rows name an image file in ``images/`` and its class. Images are resized to ``image_size`` (84).
+    ``channels`` defaults to 3, the data's RGB. ``kwargs``: :class:`ImageClassFamily`'s episode settings and
+    :class:`TaskFamily`'s.
     """
 
     name = "mini_imagenet"
 
-    def __init__(self, root: str = "data/mini-imagenet", image_size: int = 84, channels: int = 3, ways: int = 5,
-                 shots: int = 1, queries: int = 15, meta_batch_size: int = 4, val_tasks: int = 100,
-                 test_tasks: int = 600, eval_batch_size: int = 20, seed: int = 0, eval_seed: int = 1,
-                 train_ways: int | None = None, train_queries: int | None = None) -> None:
-        super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels, train_ways, train_queries)
+    def __init__(self, *, root: str | Path = "data/mini-imagenet", image_size: int = 84, channels: int = 3,
+                 **kwargs: Any) -> None:
+        super().__init__(channels=channels, **kwargs)
         self.root, self.image_size = Path(root).expanduser(), image_size
         self._splits: dict[str, LabelledImages] = {}
 

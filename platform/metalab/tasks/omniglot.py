@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -55,18 +55,15 @@ class Omniglot(ImageClassFamily):
         of the 1,200 validate (Snell et al. use 172). The exact lists of the original papers were not
         published with the data; this split is deterministic and disjoint.
     ``rotations``: add 90°, 180°, 270° rotations of each character as new classes (Santoro et al. 2016).
-    Images are inverted (ink bright) and resized to ``image_size`` (28).
+    Images are inverted (ink bright) and resized to ``image_size`` (28). ``kwargs``:
+    :class:`ImageClassFamily`'s episode settings and :class:`TaskFamily`'s.
     """
 
     name = "omniglot"
 
-    def __init__(self, root: str = "data/omniglot", split: Literal["lake", "vinyals"] = "vinyals",
-                 val_classes: int = 172, rotations: bool = False, image_size: int = 28, channels: int = 1,
-                 ways: int = 5, shots: int = 1, queries: int = 15, meta_batch_size: int = 32, val_tasks: int = 100,
-                 test_tasks: int = 600, eval_batch_size: int = 50, seed: int = 0, eval_seed: int = 1,
-                 train_ways: int | None = None, train_queries: int | None = None) -> None:
-        super().__init__(ways, shots, queries, meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed,
-                         eval_seed, channels, train_ways, train_queries)
+    def __init__(self, *, root: str | Path = "data/omniglot", split: Literal["lake", "vinyals"] = "vinyals",
+                 val_classes: int = 172, rotations: bool = False, image_size: int = 28, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if split not in ("lake", "vinyals"):
             raise ConfigError(f"task.split must be lake or vinyals, got {split!r}")
         if val_classes < 1:

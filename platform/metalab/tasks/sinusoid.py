@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -15,19 +16,18 @@ class SinusoidRegression(TaskFamily):
     """Tasks y = A·sin(x − φ) with A ~ U[amplitude_min, amplitude_max], φ ~ U[phase_min, phase_max].
 
     Inputs x ~ U[x_min, x_max]; ``shots`` support and ``queries`` query points per task. The defaults are
-    the paper's: A ∈ [0.1, 5], φ ∈ [0, π], x ∈ [−5, 5], K = 10. Tensors are (T, K, 1).
+    the paper's: A ∈ [0.1, 5], φ ∈ [0, π], x ∈ [−5, 5], K = 10. Tensors are (T, K, 1). ``kwargs``:
+    :class:`TaskFamily`'s (meta-batch size, evaluation tasks, seeds).
     """
 
     name = "sinusoid"
     problem = "regression"
 
-    def __init__(self, shots: int = 10, queries: int = 10,
+    def __init__(self, *, shots: int = 10, queries: int = 10,
                  amplitude_min: float = 0.1, amplitude_max: float = 5.0,
                  phase_min: float = 0.0, phase_max: float = math.pi,
-                 x_min: float = -5.0, x_max: float = 5.0,
-                 meta_batch_size: int = 25, val_tasks: int = 100, test_tasks: int = 600,
-                 eval_batch_size: int = 100, seed: int = 0, eval_seed: int = 1) -> None:
-        super().__init__(meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed, eval_seed)
+                 x_min: float = -5.0, x_max: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if shots < 1 or queries < 1:
             raise ConfigError(f"task.shots and task.queries must be >= 1, got shots={shots}, queries={queries}")
         for low, high, key in ((amplitude_min, amplitude_max, "amplitude"), (phase_min, phase_max, "phase"),
@@ -54,17 +54,14 @@ class SinusoidRegression(TaskFamily):
 class SinusoidLineRegression(SinusoidRegression):
     """A multimodal family: each task is, with probability ½, a sinusoid as above or a line
     y = a·x + b with a, b ~ U[slope_min, slope_max] (the "sinusoid + line" mixture of multimodal
-    meta-learning, e.g. Vuorio et al. 2019, MMAML)."""
+    meta-learning, e.g. Vuorio et al. 2019, MMAML). ``kwargs``: :class:`SinusoidRegression`'s (the sinusoids,
+    the points per task) and :class:`TaskFamily`'s."""
 
     name = "sinusoid_line"
 
-    def __init__(self, shots: int = 10, queries: int = 10, line_fraction: float = 0.5, slope_min: float = -3.0,
-                 slope_max: float = 3.0, amplitude_min: float = 0.1, amplitude_max: float = 5.0,
-                 phase_min: float = 0.0, phase_max: float = math.pi, x_min: float = -5.0, x_max: float = 5.0,
-                 meta_batch_size: int = 25, val_tasks: int = 100, test_tasks: int = 600,
-                 eval_batch_size: int = 100, seed: int = 0, eval_seed: int = 1) -> None:
-        super().__init__(shots, queries, amplitude_min, amplitude_max, phase_min, phase_max, x_min, x_max,
-                         meta_batch_size, val_tasks, test_tasks, eval_batch_size, seed, eval_seed)
+    def __init__(self, *, line_fraction: float = 0.5, slope_min: float = -3.0, slope_max: float = 3.0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if not 0.0 <= line_fraction <= 1.0:
             raise ConfigError(f"task.line_fraction must be in [0, 1], got {line_fraction}")
         if slope_min > slope_max:
