@@ -155,7 +155,7 @@ def first_step_seconds() -> float:
     """The smallest complete run from the command line (imports, compose, MLflow run, 1 step, tiny test)."""
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        command = [str(Path(sys.executable).parent / "metalab-train"), "experiment=smoke", "trainer.max_steps=1",
+        command = [str(Path(sys.executable).parent / "metalab-train"), "debug=smoke", "trainer.max_steps=1",
                    "trainer.val_check_interval=1", "task.val_tasks=1", "task.test_tasks=1", "runner.backend=loop"]
         run = subprocess.run(command, cwd=folder, capture_output=True, text=True,
                              env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})  # set by (b)
