@@ -5,8 +5,8 @@ the source and the tolerance (:class:`metalab.config.ReproductionConfig`). For e
 ``metalab-train experiment=NAME`` (``--budget smoke`` adds ``debug=plumbing``: two meta-iterations on tiny
 meta-batches, to check the plumbing), or with ``--from-mlflow`` reads the latest finished run of it at the
 same settings, then prints one row: the paper's number ±, ours (mean ± 95% CI over the test tasks), the
-difference and the verdict. The verdict, difference and table are also recorded on the run (tags ``metalab.reproduction.*``
-and the artifact ``reproduction.md``).
+difference and the verdict. The verdict, difference and table are also recorded on the run (tags
+``metalab.reproduction.*`` and the artifact ``reproduction.md``).
 """
 
 from __future__ import annotations
