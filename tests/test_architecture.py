@@ -90,32 +90,33 @@ def test_adding_an_algorithm_needs_only_its_module_and_its_yaml(tmp_path: Path) 
 
 
 class SignSGDOuterStep(OneStepSGD):
-    """Owns its outer step: θ ← θ − lr·sign(mean meta-gradient), computed task by task here."""
+    """Owns its outer step: the sign of the mean meta-gradient, computed task by task here, through the optimiser."""
 
     owns_outer_step = True
 
     def outer_step(self, episodes, context: Context, optimizer) -> tuple[Tensor, Tensor]:
         self.steps_taken = getattr(self, "steps_taken", 0) + 1
         outcomes = [self.task_meta_gradient(task, context) for task in episodes]
-        with torch.no_grad():
-            for index, parameter in enumerate(self.meta_parameters()):
-                parameter -= 0.01 * torch.stack([o.gradient[index] for o in outcomes]).mean(0).sign()
+        optimizer.zero_grad()
+        for index, parameter in enumerate(self.meta_parameters()):
+            parameter.grad = torch.stack([o.gradient[index] for o in outcomes]).mean(0).sign()
+        optimizer.step()
         return torch.stack([o.prediction for o in outcomes]), torch.stack([o.loss for o in outcomes]).mean()
 
 
-def test_an_algorithm_that_owns_its_outer_step_takes_it_instead_of_the_optimiser() -> None:
+def test_an_algorithm_that_owns_its_outer_step_takes_it_instead_of_the_runner() -> None:
     torch.manual_seed(0)
     algorithm = SignSGDOuterStep(MLP(1, (8,), 1))
     before = [p.detach().clone() for p in algorithm.parameters()]
-    learner = MetaLearner(algorithm, optimizer=lambda p: torch.optim.SGD(p, lr=0.0), problem="regression",
+    learner = MetaLearner(algorithm, optimizer=lambda p: torch.optim.SGD(p, lr=0.01), problem="regression",
                           runner=TaskRunner("loop"))
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
                          inference_mode=False, check_val_every_n_epoch=None, accelerator="cpu", devices=1)
     trainer.fit(learner, datamodule=SinusoidRegression(meta_batch_size=4))
-    assert algorithm.steps_taken == 3
+    assert algorithm.steps_taken == 3 and learner.runner.chosen == "loop" and not learner.runner.probe
     steps = torch.cat([((now.detach() - start) / 0.01).flatten() for start, now in
                        zip(before, algorithm.parameters(), strict=True)])
-    # the optimiser's lr is 0: every change is the algorithm's own ±0.01 per coordinate and step, three steps
+    # sign steps of lr 0.01 (a mean gradient's sign is ±1 where it is not 0): whole multiples, at most three
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
     assert steps.abs().max() <= 3 + 1e-3 and (steps.abs() > 2.5).any()
