@@ -38,6 +38,7 @@ from metalab._quiet import quiet_lightning
 from metalab.algorithms import MAML, ProtoNet
 from metalab.learner import MetaLearner
 from metalab.models import CNN4, MLP
+from metalab.runner import TaskRunner
 from metalab.tasks import KanjiHandwriting, SinusoidRegression
 from metalab.tasks.base import TaskFamily
 
@@ -136,9 +137,9 @@ def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Pa
 
     torch.manual_seed(0)
     model = workload.network()
-    algorithm = (MAML(model, inner_lr=workload.inner_lr, backend=backend) if workload.algorithm == "maml"
-                 else ProtoNet(model))
-    learner = MetaLearner(algorithm, optimizer=lambda p: torch.optim.Adam(p, 1e-3), problem=workload.family.problem)
+    algorithm = MAML(model, inner_lr=workload.inner_lr) if workload.algorithm == "maml" else ProtoNet(model)
+    learner = MetaLearner(algorithm, optimizer=lambda p: torch.optim.Adam(p, 1e-3), problem=workload.family.problem,
+                          runner=TaskRunner(backend))
     timer = StepTimer()
     # as metalab's tracking does; no store: no tracking at all
     logger = MLFlowLogger(tracking_uri=f"sqlite:///{store}", synchronous=False) if store else False
@@ -148,14 +149,14 @@ def metalab_trainer(workload: Workload, iterations: int, backend: str, store: Pa
                          log_every_n_steps=50, inference_mode=False, check_val_every_n_epoch=None,
                          accelerator="cpu", devices=1)
     trainer.fit(learner, datamodule=workload.family)  # its train_dataloader and batch transfer, as metalab-train
-    return (timer.end - timer.start) / iterations, getattr(algorithm, "chosen_backend", None) or "-"
+    return (timer.end - timer.start) / iterations, learner.runner.chosen or "-"
 
 
 def first_step_seconds() -> float:
     """The smallest complete run from the command line (imports, compose, MLflow run, 1 step, tiny test)."""
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        command = [str(Path(sys.executable).parent / "metalab-train"), "experiment=smoke", "trainer.max_steps=1",
+        command = [str(Path(sys.executable).parent / "metalab-train"), "debug=smoke", "trainer.max_steps=1",
                    "trainer.val_check_interval=1", "task.val_tasks=1", "task.test_tasks=1", "runner.backend=loop"]
         run = subprocess.run(command, cwd=folder, capture_output=True, text=True,
                              env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")})  # set by (b)

@@ -109,7 +109,8 @@ def test_protonet_logits_match_hand_computed_prototypes(distance: str) -> None:
     support_x, query_x = torch.randn(6, 4, dtype=torch.double), torch.randn(5, 4, dtype=torch.double)
     support_y = torch.tensor([0, 1, 2, 0, 1, 2])
     task = Task(support_x, support_y, query_x, torch.zeros(5, dtype=torch.long))
-    logits = ProtoNet(embedding, distance=distance, temperature=2.0).adapt(task, Context(F.cross_entropy, True))(query_x)
+    algorithm = ProtoNet(embedding, distance=distance, temperature=2.0)
+    logits = algorithm.adapt(task, Context(F.cross_entropy, training=True))(query_x)
     prototypes = torch.stack([embedding(support_x[support_y == c]).mean(0) for c in range(3)])
     query = embedding(query_x)
     if distance == "euclidean":
@@ -146,7 +147,7 @@ def test_classifiers_learn_kanji_well_above_chance(job, kanji_cache, algorithm: 
 
 
 def test_metasgd_logs_learned_rates_and_histogram(job, tmp_path) -> None:
-    train(job("algorithm=metasgd", "experiment=smoke"))
+    train(job("algorithm=metasgd", "debug=smoke"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
     metrics = run.data.metrics
@@ -160,7 +161,7 @@ ALGORITHMS = ["maml", "fomaml", "metasgd", "anil", "reptile", "protonet"]
 
 def test_every_algorithm_logs_the_same_metric_names(job, tmp_path, kanji_cache) -> None:
     for algorithm in ALGORITHMS:
-        train(job(f"algorithm={algorithm}", "task=kanji", "experiment=smoke", f"task.cache_dir={kanji_cache}",
+        train(job(f"algorithm={algorithm}", "task=kanji", "debug=smoke", f"task.cache_dir={kanji_cache}",
                   "task.num_classes=300", "task.queries=5", "task.meta_batch_size=2", "model.hidden_size=8",
                   "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
                   "task.val_tasks=4", "task.test_tasks=4"))

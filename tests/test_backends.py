@@ -143,7 +143,7 @@ def test_auto_never_probes_vmap_for_an_algorithm_that_does_not_declare_it() -> N
 
 
 def test_auto_backend_is_timed_and_recorded_on_the_run(job, tmp_path: Path) -> None:
-    train(job("experiment=smoke", "runner.backend=auto"))
+    train(job("debug=smoke", "runner.backend=auto"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
     probe = run.data.tags["metalab.backend_probe"]

@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 
 
 def test_smoke_run_logs_to_the_default_store_in_the_working_directory(tmp_path: Path) -> None:
-    result = run_cli(["experiment=smoke"], cwd=tmp_path)
+    result = run_cli(["debug=smoke"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "post-adaptation MSE:" in result.stdout and "make ui" in result.stdout
     run_id = result.stdout.split("MLflow run id: ")[1].split()[0]
@@ -30,7 +30,7 @@ def test_smoke_run_logs_to_the_default_store_in_the_working_directory(tmp_path: 
 
 def test_python_module_entry_point_and_env_tracking_uri(tmp_path: Path) -> None:
     store = tmp_path / "elsewhere.db"
-    result = run_cli(["experiment=smoke", "algorithm=fomaml"], cwd=tmp_path, module=True,
+    result = run_cli(["debug=smoke", "algorithm=fomaml"], cwd=tmp_path, module=True,
                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "mlflow.db").exists()
@@ -95,7 +95,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
 def test_bad_input_exits_with_one_clear_line_and_no_run(tmp_path: Path, overrides: list[str], message: str) -> None:
-    result = run_cli(["experiment=smoke", *overrides], cwd=tmp_path)
+    result = run_cli(["debug=smoke", *overrides], cwd=tmp_path)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -107,7 +107,7 @@ def test_bad_input_exits_with_one_clear_line_and_no_run(tmp_path: Path, override
 
 
 def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
-    result = run_cli(["experiment=smoke", "algorithm.inner_lr=-1"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    result = run_cli(["debug=smoke", "algorithm.inner_lr=-1"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
@@ -116,7 +116,7 @@ def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
 def test_corrupt_data_file_is_one_line_naming_it(tmp_path: Path) -> None:
     for split in ("train", "validation", "test"):
         (tmp_path / f"mini-imagenet-cache-{split}.pkl").write_bytes(b"this is not a pickle")
-    result = run_cli(["experiment=smoke", "task=mini_imagenet", f"task.root={tmp_path}"], cwd=tmp_path)
+    result = run_cli(["debug=smoke", "task=mini_imagenet", f"task.root={tmp_path}"], cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert f"{tmp_path}/mini-imagenet-cache-train.pkl is not a mini-ImageNet pickle" in lines[0]

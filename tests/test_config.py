@@ -49,7 +49,7 @@ def test_schema_types_come_from_the_constructor(job) -> None:
 
 
 def test_experiment_preset_overrides_the_defaults(job) -> None:
-    cfg = job("experiment=smoke")
+    cfg = job("debug=smoke")
     assert cfg.trainer.max_steps == 20 and cfg.task.test_tasks == 20
 
 

@@ -11,7 +11,7 @@ from metalab.tasks import SinusoidRegression
 from metalab.tasks.base import _EndlessMetaBatches
 from tests.conftest import run_cli
 
-ONE_STEP = ["experiment=smoke", "optimizer=sgd", "trainer.max_steps=1", "trainer.val_check_interval=1",
+ONE_STEP = ["debug=smoke", "optimizer=sgd", "trainer.max_steps=1", "trainer.val_check_interval=1",
             "task.meta_batch_size=4", "task.val_tasks=2", "task.test_tasks=2", "runner.backend=loop"]
 
 

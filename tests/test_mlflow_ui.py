@@ -37,7 +37,7 @@ def free_port() -> int:
 @pytest.fixture
 def server(tmp_path: Path):
     """`mlflow server` on a free loopback port over a store filled by a tiny real sweep."""
-    result = run_cli(["-m", "experiment=smoke", "algorithm=maml,fomaml"], cwd=tmp_path)
+    result = run_cli(["-m", "debug=smoke", "algorithm=maml,fomaml"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     port = free_port()
     process = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",

@@ -20,7 +20,7 @@ from tests.conftest import BIN, compose_job, run_cli
 
 def test_divergence_stops_at_the_first_bad_step_and_fails_the_run(job, tmp_path: Path) -> None:
     with pytest.raises(DivergenceError, match=r"meta_train/loss is (nan|inf) at step 0: training diverged"):
-        train(job("experiment=smoke", "algorithm.inner_lr=1e30", "runner.backend=loop"))
+        train(job("debug=smoke", "algorithm.inner_lr=1e30", "runner.backend=loop"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
     assert run.info.status == "FAILED"
@@ -28,7 +28,7 @@ def test_divergence_stops_at_the_first_bad_step_and_fails_the_run(job, tmp_path:
 
 
 def test_divergence_from_the_command_line_is_one_line(tmp_path: Path) -> None:
-    result = run_cli(["experiment=smoke", "algorithm.inner_lr=1e30"], cwd=tmp_path)
+    result = run_cli(["debug=smoke", "algorithm.inner_lr=1e30"], cwd=tmp_path)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("metalab: error:")]
     assert len(lines) == 1 and "meta_train/loss is" in lines[0] and "lower optimizer.lr" in lines[0]
@@ -40,7 +40,7 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     start = time.monotonic()
-    result = run_cli(["experiment=smoke", f"tracking.tracking_uri=http://127.0.0.1:{port}"], cwd=tmp_path)
+    result = run_cli(["debug=smoke", f"tracking.tracking_uri=http://127.0.0.1:{port}"], cwd=tmp_path)
     elapsed = time.monotonic() - start
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -51,12 +51,13 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) 
 
 def test_unwritable_sqlite_folder_is_refused(job) -> None:
     with pytest.raises(Exception, match="does not exist or is not writable"):
-        train(job("experiment=smoke", "tracking.tracking_uri=sqlite:////nonexistent/folder/mlflow.db"))
+        train(job("debug=smoke", "tracking.tracking_uri=sqlite:////nonexistent/folder/mlflow.db"))
 
 
 def test_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupted_one(tmp_path: Path) -> None:
-    common = ["experiment=smoke", "trainer.max_steps=300", "trainer.val_check_interval=100",
-              "trainer.log_every_n_steps=1", "checkpoint_every_n_steps=10", "runner.backend=loop", "seed=3"]
+    common = ["debug=smoke", "trainer.max_steps=300", "trainer.val_check_interval=100",
+              "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=10", "runner.backend=loop",
+              "seed=3"]
     (tmp_path / "reference").mkdir()
     reference = run_cli([*common, f"tracking.tracking_uri=sqlite:///{tmp_path}/reference.db"],
                         cwd=tmp_path / "reference")
@@ -95,7 +96,7 @@ def test_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupte
 def test_requeued_job_continues_the_run_it_began_in_its_output_folder(tmp_path: Path) -> None:
     """``resume=auto`` (hardware=slurm sets it): a job restarted in its own output folder, as submitit requeues
     it, continues the MLflow run begun there; a job in a fresh folder starts a new run."""
-    settings = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "experiment=smoke", "resume=auto",
+    settings = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "debug=smoke", "resume=auto",
                 "trainer.val_check_interval=5", "runner.backend=loop", "trainer.log_every_n_steps=1"]
     train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=10"]))
     train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=20"]))  # the requeued job goes on
@@ -110,7 +111,7 @@ def test_requeued_job_continues_the_run_it_began_in_its_output_folder(tmp_path: 
 
 
 def test_resume_of_an_unknown_run_is_one_line(tmp_path: Path) -> None:
-    result = run_cli(["experiment=smoke", "resume=0123456789abcdef0123456789abcdef"], cwd=tmp_path)
+    result = run_cli(["debug=smoke", "resume=0123456789abcdef0123456789abcdef"], cwd=tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip() and "INFO mlflow" not in line]
     assert result.returncode == 1 and len(lines) == 1
     assert "resume=0123456789abcdef0123456789abcdef: no MLflow run with that id" in lines[0]
@@ -121,8 +122,8 @@ def clean_environment() -> dict[str, str]:
 
 
 def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> None:
-    process = subprocess.Popen([str(BIN / "metalab-train"), "experiment=smoke", "trainer.max_steps=100000",
-                                "checkpoint_every_n_steps=10", "runner.backend=loop"], cwd=tmp_path,
+    process = subprocess.Popen([str(BIN / "metalab-train"), "debug=smoke", "trainer.max_steps=100000",
+                                "callbacks.checkpoint.every_n_train_steps=10", "runner.backend=loop"], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_environment())
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("outputs/*/*/checkpoints/*step=*.ckpt")):
@@ -139,7 +140,7 @@ def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> N
 
 
 def test_eight_parallel_jobs_on_the_embedded_store_all_record_every_metric(tmp_path: Path) -> None:
-    result = run_cli(["-m", "experiment=smoke", "seed=0,1,2,3,4,5,6,7", "hydra/launcher=joblib",
+    result = run_cli(["-m", "debug=smoke", "seed=0,1,2,3,4,5,6,7", "hydra/launcher=joblib",
                       "hydra.launcher.n_jobs=8", "trainer.log_every_n_steps=1"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")

@@ -34,7 +34,7 @@ def sweep_runs(root: Path) -> tuple[MlflowClient, object, list]:
 @pytest.fixture(scope="module")
 def two_by_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
-    result = run_cli(["-m", "experiment=smoke", "algorithm=maml,fomaml", "seed=0,1"], cwd=root)
+    result = run_cli(["-m", "debug=smoke", "algorithm=maml,fomaml", "seed=0,1"], cwd=root)
     assert result.returncode == 0, result.stderr
     return root
 
@@ -89,7 +89,7 @@ def test_compare_says_what_is_wrong_in_one_line(two_by_two: Path) -> None:
 
 
 def test_failing_job_does_not_stop_a_parallel_sweep(tmp_path: Path) -> None:
-    result = run_cli(["-m", "experiment=smoke", "algorithm=maml,protonet", "task.shots=5,10",
+    result = run_cli(["-m", "debug=smoke", "algorithm=maml,protonet", "task.shots=5,10",
                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("algorithm=protonet learns classification tasks only") == 2
@@ -106,7 +106,7 @@ def test_failing_job_does_not_stop_a_parallel_sweep(tmp_path: Path) -> None:
 
 
 def test_optuna_search_records_the_best_trial_on_the_parent(tmp_path: Path) -> None:
-    result = run_cli(["hparams_search=maml_optuna", "experiment=smoke", "hydra.sweeper.n_trials=3"], cwd=tmp_path)
+    result = run_cli(["hparams_search=maml_optuna", "debug=smoke", "hydra.sweeper.n_trials=3"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     client, parent, children = sweep_runs(tmp_path)
     assert len(children) == 3

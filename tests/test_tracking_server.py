@@ -62,7 +62,7 @@ def assert_tracked_through_the_server(client: MlflowClient, run: Run, tmp_path: 
 
 def test_a_run_logs_to_the_server_and_reads_back(server: str, tmp_path: Path) -> None:
     name = experiment_name("run")
-    result = run_cli(["experiment=smoke", f"tracking.tracking_uri={server}", f"tracking.experiment_name={name}",
+    result = run_cli(["debug=smoke", f"tracking.tracking_uri={server}", f"tracking.experiment_name={name}",
                       "trainer.max_steps=20"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(server)
@@ -73,7 +73,7 @@ def test_a_run_logs_to_the_server_and_reads_back(server: str, tmp_path: Path) ->
 def test_the_compose_trainer_s_environment_variable_reaches_the_server(server: str, tmp_path: Path) -> None:
     """docker/compose.yaml's trainer sets MLFLOW_TRACKING_URI only: the default config must follow it."""
     name = experiment_name("env")
-    result = run_cli(["experiment=smoke", f"tracking.experiment_name={name}", "trainer.max_steps=20"],
+    result = run_cli(["debug=smoke", f"tracking.experiment_name={name}", "trainer.max_steps=20"],
                      cwd=tmp_path, env={"MLFLOW_TRACKING_URI": server})
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
@@ -83,7 +83,7 @@ def test_the_compose_trainer_s_environment_variable_reaches_the_server(server: s
 
 def test_a_sweep_nests_its_jobs_under_one_parent_on_the_server(server: str, tmp_path: Path) -> None:
     name = experiment_name("sweep")
-    result = run_cli(["-m", "experiment=smoke", f"tracking.tracking_uri={server}", f"tracking.experiment_name={name}",
+    result = run_cli(["-m", "debug=smoke", f"tracking.tracking_uri={server}", f"tracking.experiment_name={name}",
                       "trainer.max_steps=20", "seed=0,1"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(server)

@@ -48,16 +48,18 @@ def config_dir() -> Path:
 
 @dataclass
 class TrainerConfig:
-    """Arguments of ``pytorch_lightning.Trainer`` that a run sets (steps are outer-loop updates)."""
+    """Types of the ``pytorch_lightning.Trainer`` arguments a run sets (``trainer/``: their values; steps
+    are outer-loop updates, meta-iterations). ``hardware/`` adds the accelerator's arguments."""
 
-    max_steps: int = 2000
-    val_check_interval: int = 500
-    log_every_n_steps: int = 50
-    num_sanity_val_steps: int = 0
-    enable_progress_bar: bool = True
-    enable_model_summary: bool = True
-    enable_checkpointing: bool = True
-    deterministic: bool = True
+    _target_: str = "pytorch_lightning.Trainer"
+    max_steps: int = OMEGACONF_MISSING
+    val_check_interval: int = OMEGACONF_MISSING
+    log_every_n_steps: int = OMEGACONF_MISSING
+    num_sanity_val_steps: int = OMEGACONF_MISSING
+    enable_progress_bar: bool = OMEGACONF_MISSING
+    enable_model_summary: bool = OMEGACONF_MISSING
+    enable_checkpointing: bool = OMEGACONF_MISSING
+    deterministic: bool = OMEGACONF_MISSING
     gradient_clip_val: float | None = None
 
 
@@ -108,16 +110,19 @@ class MetalabConfig:
     task: Any = MISSING
     model: Any = MISSING
     tracking: Any = MISSING
+    learner: Any = MISSING  # the LightningModule (metalab.learner.MetaLearner) and its own settings
+    runner: Any = field(default_factory=lambda: schema_for("metalab.runner.TaskRunner")())  # how tasks execute
+    scheduler: Any = None  # scheduler=cosine|step: the outer learning rate's schedule, stepped per meta-iteration
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)  # Lightning callbacks by name, each with a _target_
+    output_dir: str = "${hydra:runtime.output_dir}"  # the job's folder (a resumed run: the folder it began in)
     seed: int = 0
     objective: str = "meta_val/post_loss"  # what a sweeper optimises (the last validation's value)
     resume: str | None = None  # an MLflow run id: continue it from its last checkpoint; "auto": the run this
     # job's output folder began, if any (a requeued SLURM job restarts there)
-    checkpoint_every_n_steps: int = 0  # also checkpoint every n meta-iterations (0: at validations only)
     sampling_workers: int = 0  # processes drawing training meta-batches ahead of the step (0: the training one)
-    test_curve_steps: int = 0  # also test after 1..n inner steps: meta_test/post_loss_step<k> (the MAML curve)
     reproduction: ReproductionConfig | None = None  # set by experiments/ presets: the published number
 
 

@@ -2,11 +2,11 @@
 
 Each preset is an ``experiment=`` option whose ``reproduction`` block holds the published number, its ±,
 the source and the tolerance (:class:`metalab.config.ReproductionConfig`). For each preset this runs
-``metalab-train experiment=NAME`` (``--budget smoke``: two meta-iterations and a few test tasks, to check
-the plumbing), or with ``--from-mlflow`` reads the latest finished run of it at the same settings, then
-prints one row: the paper's number ±, ours (mean ± 95% CI over the test tasks), the difference and the
-verdict. The verdict, difference and table are also recorded on the run (tags ``metalab.reproduction.*``
-and the artifact ``reproduction.md``).
+``metalab-train experiment=NAME`` (``--budget smoke`` adds ``debug=plumbing``: two meta-iterations on tiny
+meta-batches, to check the plumbing), or with ``--from-mlflow`` reads the latest finished run of it at the
+same settings, then prints one row: the paper's number ±, ours (mean ± 95% CI over the test tasks), the
+difference and the verdict. The verdict, difference and table are also recorded on the run (tags
+``metalab.reproduction.*`` and the artifact ``reproduction.md``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError
 from metalab.overrides import describe
 from metalab.tracking.runs import RecordedRun, RunStore
 
-SMOKE = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "task.meta_batch_size=2",
-         "task.val_tasks=2", "task.test_tasks=4", "task.eval_batch_size=2"]
 BUDGETS = ("paper", "smoke")
 
 
@@ -109,10 +106,10 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         raise ConfigError(f"no reproduction named {name!r}: choose one of {', '.join(preset_names())} or all")
     if budget not in BUDGETS:
         raise ConfigError(f"--budget must be paper or smoke, got {budget!r}")
-    args = [*(SMOKE if budget == "smoke" else []), *(overrides or [])]
+    args = [*(["debug=plumbing"] if budget == "smoke" else []), *(overrides or [])]
     cfg = compose_preset(name, args)
-    if budget == "smoke":
-        args = [*args[:len(SMOKE)], *cfg.reproduction.smoke, *args[len(SMOKE):]]  # the user's overrides win
+    if budget == "smoke":  # the preset's own smoke overrides (e.g. a smaller data set); the user's win
+        args = [args[0], *cfg.reproduction.smoke, *args[1:]]
         cfg = compose_preset(name, args)
     spec = cfg.reproduction
     row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance)
@@ -134,7 +131,7 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         return row
     row.ours = metrics[spec.metric] * spec.scale
     row.ours_ci95 = metrics.get(f"{spec.metric}_ci95", math.nan) * spec.scale
-    steps = int(cfg.get("test_curve_steps") or 0)
+    steps = int(cfg.learner.test_curve_steps or 0)
     if steps:
         row.curve = [metrics.get(f"{spec.metric}_step{k}", math.nan) * spec.scale for k in range(1, steps + 1)]
     record(store, row)

@@ -12,20 +12,18 @@ from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
-from pytorch_lightning.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from metalab._quiet import held_back_trainer_banner, quiet_lightning
+from metalab.checks import check_algorithm_fits, check_distributed, check_model_fits, require_accelerator
 from metalab.config import config_dir, register_configs
 from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, DataMissingError, one_line
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
-from metalab.reliability import InterruptCheckpoint
 from metalab.tasks.base import TaskFamily
 from metalab.tracking.base import RunInfo, Tracking
 
@@ -89,69 +87,23 @@ def build(cfg: DictConfig, seed: int) -> tuple[TaskFamily, MetaLearner]:
     model = instantiate(cfg.model)
     check_model_fits(model, task)
     algorithm = instantiate(cfg.algorithm, model=model)
-    if task.problem not in algorithm.problems:
-        choices = HydraConfig.get().runtime.choices
-        raise ConfigError(f"algorithm={choices.get('algorithm')} learns {' and '.join(algorithm.problems)} tasks "
-                          f"only, and task={choices.get('task')} is {task.problem}: choose another algorithm or task")
-    train_ways = getattr(task, "train_ways", None)
-    if algorithm.one_output_per_way and train_ways is not None and train_ways != task.ways:
-        choices = HydraConfig.get().runtime.choices
-        raise ConfigError(f"task.train_ways={train_ways} differs from task.ways={task.ways}, but "
-                          f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: set "
-                          "task.train_ways=null, or use a metric-based algorithm (algorithm=protonet)")
+    check_algorithm_fits(algorithm, task)
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
-    return task, MetaLearner(algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem,
-                             runner=instantiate(cfg.runner), scheduler=scheduler, test_curve_steps=cfg.test_curve_steps)
+    learner = instantiate(cfg.learner, algorithm=algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem,
+                          runner=instantiate(cfg.runner), scheduler=scheduler)
+    return task, learner
 
 
 def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
-    """Lightning's Trainer for this job, checkpointing into ``output_dir/checkpoints``; the logger comes later."""
-    folder = output_dir / "checkpoints"
-    checkpoints = [ModelCheckpoint(dirpath=folder, save_last=True,
-                                   every_n_train_steps=cfg.checkpoint_every_n_steps or None),
-                   InterruptCheckpoint(folder)]
-    return pl.Trainer(**cfg.trainer, **cfg.hardware, logger=False,
-                      callbacks=checkpoints if cfg.trainer.enable_checkpointing else None,
-                      default_root_dir=output_dir,
-                      inference_mode=False,  # validation/test adapt with gradients
-                      use_distributed_sampler=False,  # every process evaluates every task: exact CIs
-                      check_val_every_n_epoch=None)  # training tasks are an endless stream
-
-
-def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearner) -> None:
-    """With several processes, each adapts an equal share of the meta-batch and autograd all-reduces the
-    meta-gradient: the meta-batch must split evenly, and the algorithm's gradient must come from autograd."""
-    processes = trainer.world_size
-    if processes == 1:
-        return
-    if task.meta_batch_size % processes:
-        raise ConfigError(f"task.meta_batch_size={task.meta_batch_size} does not split over the {processes} "
-                          f"processes of this run: make it a multiple of {processes}")
-    if not learner.automatic_optimization:
-        choices = HydraConfig.get().runtime.choices
-        raise ConfigError(f"algorithm={choices.get('algorithm')} takes its outer step itself, which DDP does not "
-                          "all-reduce: run it in one process (hardware=cpu or gpu)")
-
-
-def require_accelerator(accelerator: str) -> None:
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError("hardware=gpu needs a CUDA device and none is visible: use hardware=cpu")
-
-
-def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
-    """One forward pass on one task's support set, so a model/task mismatch stops the run at start."""
-    support_x = task.sample(1, torch.Generator().manual_seed(0), "train").support_x[0]
-    was_training = model.training
-    model.eval()  # no batch-norm statistics are touched
-    try:
-        with torch.no_grad():
-            model(support_x)
-    except RuntimeError as error:
-        raise ConfigError(f"model {type(model).__name__} does not take task {task.name}'s inputs of shape "
-                          f"{tuple(support_x.shape)} ({' '.join(str(error).split())[:120]}): choose a model for "
-                          "this task (images: model=cnn4 or resnet12; vectors: model=mlp)") from None
-    finally:
-        model.train(was_training)
+    """Lightning's Trainer for this job, with the callbacks of ``callbacks/`` writing into ``output_dir`` (a
+    resumed run's own folder); the logger comes later."""
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    return instantiate(cfg.trainer, **cfg.hardware, callbacks=callbacks, logger=False, default_root_dir=output_dir,
+                       inference_mode=False,  # validation/test adapt with gradients
+                       use_distributed_sampler=False,  # every process evaluates every task: exact CIs
+                       check_val_every_n_epoch=None)  # training tasks are an endless stream
 
 
 def run_info(task: TaskFamily) -> RunInfo:

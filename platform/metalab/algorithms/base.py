@@ -106,8 +106,9 @@ class MetaAlgorithm(nn.Module, ABC):
         return TaskGradient(prediction.detach(), loss.detach(), gradient)
 
     def outer_step(self, episodes: Episodes, context: Context, optimizer: Optimizer) -> tuple[Tensor, Tensor]:
-        """With ``owns_outer_step``: update the meta-parameters for one meta-batch (any number of optimiser
-        or line-search steps); return the query predictions and the mean query loss, for logging."""
+        """With ``owns_outer_step``: update the meta-parameters for one meta-batch, through at least one
+        ``optimizer.step()`` (Lightning counts meta-iterations by optimiser steps; write ``.grad`` with the
+        update direction, e.g. after a line search); return the query predictions and the mean query loss."""
         raise NotImplementedError(f"{type(self).__name__} leaves its outer step to the runner and the optimiser")
 
     def fit_report(self) -> FitReport | None:

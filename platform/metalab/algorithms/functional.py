@@ -3,7 +3,8 @@
 ``vmap`` over tasks of (``grad`` of the support loss through ``functional_call`` → SGD step), then of the
 query prediction with each task's adapted weights. Each task keeps its own batch-norm statistics (``vmap``
 maps the task dimension away, so every batch-norm call sees one task's samples only), and the outer
-backward goes through ``grad`` as through learn2learn's ``clone()/adapt()``: the two give the same meta-gradient (tests/test_backends.py).
+backward goes through ``grad`` as through learn2learn's ``clone()/adapt()``: the two give the same
+meta-gradient (tests/test_backends.py).
 """
 
 from __future__ import annotations

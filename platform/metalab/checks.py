@@ -1,0 +1,64 @@
+"""Checks that the configured pieces fit together, run before anything is trained or recorded.
+
+Each raises :class:`~metalab.errors.ConfigError` with one line naming the keys and the fix.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+
+from metalab.algorithms.base import MetaAlgorithm
+from metalab.errors import ConfigError
+from metalab.learner import MetaLearner
+from metalab.tasks.base import TaskFamily
+
+
+def require_accelerator(accelerator: str) -> None:
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("hardware=gpu needs a CUDA device and none is visible: use hardware=cpu")
+
+
+def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
+    """One forward pass on one task's support set, so a model/task mismatch stops the run at start."""
+    support_x = task.sample(1, torch.Generator().manual_seed(0), "train")[0].support_x
+    was_training = model.training
+    model.eval()  # no batch-norm statistics are touched
+    try:
+        with torch.no_grad():
+            model(support_x)
+    except RuntimeError as error:
+        raise ConfigError(f"model {type(model).__name__} does not take task {task.name}'s inputs of shape "
+                          f"{tuple(support_x.shape)} ({' '.join(str(error).split())[:120]}): choose a model for "
+                          "this task (images: model=cnn4 or resnet12; vectors: model=mlp)") from None
+    finally:
+        model.train(was_training)
+
+
+def check_algorithm_fits(algorithm: MetaAlgorithm, task: TaskFamily) -> None:
+    """The algorithm learns this kind of task, and a head of one output per way sees one number of ways."""
+    choices = HydraConfig.get().runtime.choices
+    if task.problem not in algorithm.problems:
+        raise ConfigError(f"algorithm={choices.get('algorithm')} learns {' and '.join(algorithm.problems)} tasks "
+                          f"only, and task={choices.get('task')} is {task.problem}: choose another algorithm or task")
+    train_ways = getattr(task, "train_ways", None)
+    if algorithm.one_output_per_way and train_ways is not None and train_ways != task.ways:
+        raise ConfigError(f"task.train_ways={train_ways} differs from task.ways={task.ways}, but "
+                          f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: set "
+                          "task.train_ways=null, or use a metric-based algorithm (algorithm=protonet)")
+
+
+def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearner) -> None:
+    """With several processes, each adapts an equal share of the meta-batch and autograd all-reduces the
+    meta-gradient: the meta-batch must split evenly, and the outer step must be the optimiser's."""
+    processes = trainer.world_size
+    if processes == 1:
+        return
+    if task.meta_batch_size % processes:
+        raise ConfigError(f"task.meta_batch_size={task.meta_batch_size} does not split over the {processes} "
+                          f"processes of this run: make it a multiple of {processes}")
+    if not learner.automatic_optimization:
+        choices = HydraConfig.get().runtime.choices
+        raise ConfigError(f"algorithm={choices.get('algorithm')} takes its outer step itself, which DDP does not "
+                          "all-reduce: run it in one process (hardware=cpu or gpu)")
