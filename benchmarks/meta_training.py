@@ -174,13 +174,13 @@ def main() -> None:
     args = parser.parse_args()
     quiet_lightning()
     scale = 0.25 if args.quick else 1.0
-    kanji = dict(num_classes=1623)
+    kanji = dict(num_classes=1623, queries=15, eval_batch_size=50)
     workloads = [
         Workload("sinusoid MLP, MAML, 25 tasks K=10", SinusoidRegression(meta_batch_size=25),
                  lambda: MLP(1, (40, 40), 1), "maml", 0.01, int(100 * scale)),
-        Workload("CNN4 kanji 5w1s15q, MAML, 16 tasks", KanjiHandwriting(5, 1, 15, meta_batch_size=16, **kanji),
+        Workload("CNN4 kanji 5w1s15q, MAML, 16 tasks", KanjiHandwriting(ways=5, shots=1, meta_batch_size=16, **kanji),
                  lambda: CNN4(5), "maml", 0.4, max(2, int(6 * scale))),
-        Workload("CNN4 kanji 20w5s15q, ProtoNet, 4 tasks", KanjiHandwriting(20, 5, 15, meta_batch_size=4, **kanji),
+        Workload("CNN4 kanji 20w5s15q, ProtoNet, 4 tasks", KanjiHandwriting(ways=20, shots=5, meta_batch_size=4, **kanji),
                  lambda: CNN4(20), "protonet", 0.0, max(2, int(8 * scale))),
     ]
     workloads = [w for w in workloads if args.only is None or args.only in w.name]

@@ -110,7 +110,8 @@ class MetalabConfig:
     task: Any = MISSING
     model: Any = MISSING
     tracking: Any = MISSING
-    learner: Any = MISSING  # the LightningModule (metalab.learner.MetaLearner) and its own settings
+    learner: Any = field(default_factory=lambda: schema_for(  # the LightningModule and its own settings
+        "metalab.learner.MetaLearner", injected=("optimizer", "problem", "runner", "scheduler"))())
     runner: Any = field(default_factory=lambda: schema_for("metalab.runner.TaskRunner")())  # how tasks execute
     scheduler: Any = None  # scheduler=cosine|step: the outer learning rate's schedule, stepped per meta-iteration
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -216,10 +217,11 @@ def _field(default: Any) -> Any:
     return field(default=default)
 
 
-def schema_for(target: str) -> type:
+def schema_for(target: str, injected: tuple[str, ...] = ()) -> type:
     """A dataclass mirroring the typed constructor arguments of ``target`` (an import path), following
     ``**kwargs`` to the base classes' constructors. Raises ``TypeError`` naming the class, the argument and
-    the annotation for an argument whose type no config value can have (see ``EXPRESSIBLE``, ``INJECTED``)."""
+    the annotation for an argument whose type no config value can have (see ``EXPRESSIBLE``, ``INJECTED``).
+    ``injected``: names of further arguments train.py passes in (the learner's optimiser, runner, ...)."""
     cls = get_object(target)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=target))]
     hints: dict[type, dict[str, Any]] = {}
@@ -231,6 +233,8 @@ def schema_for(target: str) -> type:
                 raise TypeError(f"{target}: cannot resolve the annotations of {owner.__qualname__}.__init__ "
                                 f"({error}): import the names they use at module level") from None
         name = parameter.name
+        if name in injected:
+            continue
         written = parameter.annotation if isinstance(parameter.annotation, str) else (
             inspect.formatannotation(parameter.annotation))
         where = f"{target}({name}: {written})"
