@@ -180,7 +180,8 @@ def main() -> None:
                  lambda: MLP(1, (40, 40), 1), "maml", 0.01, int(100 * scale)),
         Workload("CNN4 kanji 5w1s15q, MAML, 16 tasks", KanjiHandwriting(ways=5, shots=1, meta_batch_size=16, **kanji),
                  lambda: CNN4(5), "maml", 0.4, max(2, int(6 * scale))),
-        Workload("CNN4 kanji 20w5s15q, ProtoNet, 4 tasks", KanjiHandwriting(ways=20, shots=5, meta_batch_size=4, **kanji),
+        Workload("CNN4 kanji 20w5s15q, ProtoNet, 4 tasks",
+                 KanjiHandwriting(ways=20, shots=5, meta_batch_size=4, **kanji),
                  lambda: CNN4(20), "protonet", 0.0, max(2, int(8 * scale))),
     ]
     workloads = [w for w in workloads if args.only is None or args.only in w.name]

@@ -8,10 +8,12 @@ from metalab.algorithms.base import (
     MetaAlgorithm,
     TaskGradient,
 )
+from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.maml import MAML
+from metalab.algorithms.maml_pp import MAMLPlusPlus
 from metalab.algorithms.metasgd import MetaSGD
 from metalab.algorithms.protonet import ProtoNet
 from metalab.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "MAML", "Context", "FitReport", "GradientBasedAlgorithm", "MetaAlgorithm", "MetaSGD", "ProtoNet",
-           "Reptile", "TaskGradient"]
+__all__ = ["ANIL", "IMAML", "MAML", "MAMLPlusPlus", "Context", "FitReport", "GradientBasedAlgorithm", "MetaAlgorithm",
+           "MetaSGD", "ProtoNet", "Reptile", "TaskGradient"]
