@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
+from metalab.algorithms import MAML, Context
+from metalab.models import MLP
+from metalab.runner import TaskRunner
 from metalab.tasks import SinusoidRegression
 from metalab.tasks.base import _EndlessMetaBatches
 from tests.conftest import run_cli
+from tests.test_meta_gradient import double_tasks
 
 ONE_STEP = ["debug=smoke", "optimizer=sgd", "trainer.max_steps=1", "trainer.val_check_interval=1",
             "task.meta_batch_size=4", "task.val_tasks=2", "task.test_tasks=2", "runner.backend=loop"]
@@ -41,10 +47,30 @@ def test_two_gloo_processes_give_the_single_process_meta_gradient_and_one_run(tm
     assert "meta_test/post_loss" in run.data.metrics
 
 
-def test_each_process_adapts_its_own_share_of_the_same_meta_batch() -> None:
+def test_shares_of_an_uneven_meta_batch_average_to_its_mean_meta_gradient() -> None:
+    """5 tasks over 2 processes (3 + 2): DDP's average of the weighted shares' gradients is the 5 tasks' mean."""
+    torch.manual_seed(0)
+    model, tasks = MLP(1, (16,), 1).double(), double_tasks(5)
+    context = Context(F.mse_loss, training=True)
+    whole = MAML(copy.deepcopy(model), inner_lr=0.05)
+    TaskRunner("loop").meta_loss(whole, tasks, context)[1].backward()
+    sharded = MAML(copy.deepcopy(model), inner_lr=0.05)
+    sizes = []
+    for rank in range(2):
+        local, weight = TaskRunner.share(tasks, rank, 2)
+        sizes.append(len(local))
+        (TaskRunner("loop").meta_loss(sharded, local, context)[1] * weight / 2).backward()  # / 2: DDP's average
+    assert sizes == [2, 3]
+    for got, expected in zip(sharded.parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_every_process_draws_the_same_meta_batch_and_the_shares_cover_it() -> None:
     family = SinusoidRegression(meta_batch_size=6)
-    [whole] = [batch for batch, _ in zip(_EndlessMetaBatches(family, seed=3), range(1), strict=False)]
-    shares = [next(iter(_EndlessMetaBatches(family, seed=3, rank=rank, world_size=3))) for rank in range(3)]
-    assert [len(share) for share in shares] == [2, 2, 2]
-    assert torch.equal(torch.cat([share.support_x for share in shares]), whole.support_x)
-    assert torch.equal(torch.cat([share.query_y for share in shares]), whole.query_y)
+    first = next(iter(_EndlessMetaBatches(family, seed=3)))
+    again = next(iter(_EndlessMetaBatches(family, seed=3)))
+    assert torch.equal(first.support_x, again.support_x)
+    shares = [TaskRunner.share(first, rank, 4)[0] for rank in range(4)]
+    assert [len(share) for share in shares] == [1, 2, 1, 2]
+    assert torch.equal(torch.cat([share.support_x for share in shares]), first.support_x)
+    assert torch.equal(torch.cat([share.query_y for share in shares]), first.query_y)

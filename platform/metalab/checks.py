@@ -50,14 +50,14 @@ def check_algorithm_fits(algorithm: MetaAlgorithm, task: TaskFamily) -> None:
 
 
 def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearner) -> None:
-    """With several processes, each adapts an equal share of the meta-batch and autograd all-reduces the
-    meta-gradient: the meta-batch must split evenly, and the outer step must be the optimiser's."""
+    """With several processes, each adapts a share of the meta-batch and autograd all-reduces the
+    meta-gradient: every process needs a task, and the outer step must be the optimiser's."""
     processes = trainer.world_size
     if processes == 1:
         return
-    if task.meta_batch_size % processes:
-        raise ConfigError(f"task.meta_batch_size={task.meta_batch_size} does not split over the {processes} "
-                          f"processes of this run: make it a multiple of {processes}")
+    if task.meta_batch_size < processes:
+        raise ConfigError(f"task.meta_batch_size={task.meta_batch_size} gives some of the {processes} processes of "
+                          f"this run no task: make it at least {processes}")
     if not learner.automatic_optimization:
         choices = HydraConfig.get().runtime.choices
         raise ConfigError(f"algorithm={choices.get('algorithm')} takes its outer step itself, which DDP does not "

@@ -79,7 +79,9 @@ class MetaLearner(pl.LightningModule):
         context = self.context(training=True)
         if self.algorithm.owns_outer_step:
             predictions, meta_loss = self.algorithm.outer_step(tasks, context, self.optimizers())
-        else:
+            weight = 1.0
+        else:  # with several processes, this one adapts its share of the meta-batch
+            tasks, weight = self.runner.share(tasks, self.global_rank, self.trainer.world_size if self._trainer else 1)
             predictions, meta_loss = self.runner.meta_loss(self.algorithm, tasks, context, agree=self._agree)
         if not torch.isfinite(meta_loss):  # one scalar check per step: stop at the first bad step
             raise DivergenceError(f"meta_train/loss is {meta_loss.item()} at step {self.global_step}: training "
@@ -90,7 +92,7 @@ class MetaLearner(pl.LightningModule):
             if self.classification:
                 accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])
                 self.log("meta_train/post_acc", accuracy.mean(), batch_size=len(tasks))
-        return meta_loss if self.automatic_optimization else None
+        return meta_loss * weight if self.automatic_optimization else None
 
     def _agree(self, backend: str) -> str:
         """Every process uses the backend rank 0 chose (their timings may differ)."""

@@ -81,6 +81,18 @@ class TaskRunner:
                 self.chosen = agree(self.chosen)
         return self._meta_loss(self.chosen, algorithm, episodes, context)
 
+    @staticmethod
+    def share(episodes: Episodes, rank: int, world_size: int) -> tuple[Episodes, float]:
+        """Process ``rank``'s contiguous share of a meta-batch every process drew (sizes differ by at most
+        one), and the factor for its mean loss: DDP averages the processes' gradients, so share r's mean
+        weighted by ``len(share) · world_size / len(episodes)`` makes that average the whole meta-batch's
+        mean meta-gradient, even split unevenly."""
+        if world_size == 1:
+            return episodes, 1.0
+        bounds = [len(episodes) * r // world_size for r in range(world_size + 1)]
+        local = episodes[bounds[rank]:bounds[rank + 1]]
+        return local, len(local) * world_size / len(episodes)
+
     def predictions(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context) -> Predictions:
         """Each task's query predictions after adaptation (evaluation), with the chosen backend (the loop
         before one is chosen)."""

@@ -63,9 +63,8 @@ class TaskFamily(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # A resumed fit continues the stream where the checkpoint left it: batch i is the same either way.
         start = self.trainer.global_step if self.trainer is not None else 0
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         workers = self.sampling_workers
-        return DataLoader(_EndlessMetaBatches(self, self.seed, start, rank, world_size), batch_size=None,
+        return DataLoader(_EndlessMetaBatches(self, self.seed, start), batch_size=None,
                           num_workers=workers, prefetch_factor=2 if workers else None, persistent_workers=False)
 
     def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
@@ -92,14 +91,13 @@ class _EndlessMetaBatches(IterableDataset):
     """Fresh meta-batches of training tasks; batch ``i`` is drawn from a generator seeded by (seed, i),
     so the stream can start at any batch (resuming) and still match an uninterrupted run. With ``n``
     DataLoader workers, worker ``w`` draws batches ``w, w + n, ...`` and the DataLoader takes them in
-    turn: the same stream as without workers. In distributed training, process ``rank`` of ``world_size``
-    gets its contiguous share of each meta-batch."""
+    turn: the same stream as without workers. In distributed training every process draws the whole
+    meta-batch; the runner adapts the process's share."""
 
-    def __init__(self, family: TaskFamily, seed: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, family: TaskFamily, seed: int, start: int = 0) -> None:
         self.family = family
         self.seed = seed
         self.start = start
-        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[Episodes]:
         worker = get_worker_info()
@@ -107,8 +105,4 @@ class _EndlessMetaBatches(IterableDataset):
         for index in itertools.count(self.start + offset, stride):
             state = np.random.SeedSequence([self.seed, index]).generate_state(2, np.uint64)[0]
             generator = torch.Generator().manual_seed(int(state) & (2**63 - 1))
-            batch = self.family.sample(self.family.meta_batch_size, generator, "train")
-            if self.world_size > 1:  # distributed: every process draws the meta-batch, adapts its share
-                share = len(batch) // self.world_size
-                batch = batch[self.rank * share:(self.rank + 1) * share]
-            yield batch
+            yield self.family.sample(self.family.meta_batch_size, generator, "train")
