@@ -15,5 +15,5 @@ from metalab.algorithms.metasgd import MetaSGD
 from metalab.algorithms.protonet import ProtoNet
 from metalab.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "IMAML", "MAML", "MAMLPlusPlus", "Context", "FitReport", "GradientBasedAlgorithm", "MetaAlgorithm",
+__all__ = ["ANIL", "IMAML", "MAML", "Context", "FitReport", "GradientBasedAlgorithm", "MAMLPlusPlus", "MetaAlgorithm",
            "MetaSGD", "ProtoNet", "Reptile", "TaskGradient"]
