@@ -153,7 +153,7 @@ def test_learned_rates_get_a_meta_gradient_per_step_and_feed_the_report() -> Non
         assert rate.shape == (3,) and (rate.grad != 0).all()
     report = algorithm.fit_report()
     assert report.metrics["maml_pp/lr_mean"] == pytest.approx(0.05)
-    assert report.metrics["maml_pp/lr_mean_step2"] == pytest.approx(0.05)
+    assert report.metrics["maml_pp/lr_mean_step3"] == pytest.approx(0.05)  # steps count from 1
     assert set(report.figures) == {"maml_pp_lrs.png"}
     assert MAMLPlusPlus(MLP(1, (4,), 1), per_step_lr=False).fit_report() is None
 
@@ -181,7 +181,7 @@ def test_maml_pp_learns_sinusoids_and_records_its_rates(job, tmp_path) -> None:
     logged = run.data.metrics
     assert logged["maml_pp/lr_min"] <= logged["maml_pp/lr_mean"] <= logged["maml_pp/lr_max"]
     assert logged["maml_pp/lr_std"] > 0  # the rates moved apart from their common start
-    assert {"maml_pp/lr_mean_step0", "maml_pp/lr_mean_step1"} <= set(logged)  # one per inner step
+    assert {"maml_pp/lr_mean_step1", "maml_pp/lr_mean_step2"} <= set(logged)  # one per inner step
     assert "maml_pp_lrs.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 

@@ -97,8 +97,8 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
         steps_per_epoch: meta-iterations per epoch of the schedules (the paper: 500).
 
     At the end of meta-training, with LSLR, the learned rates are summarised (``maml_pp/lr_mean``, ``_std``,
-    ``_min``, ``_max``, ``_negative_fraction``, ``maml_pp/lr_mean_step<k>``) and drawn per parameter tensor
-    and step as ``maml_pp_lrs.png``.
+    ``_min``, ``_max``, ``_negative_fraction``; ``maml_pp/lr_mean_step<k>``, k = 1…inner_steps) and drawn per
+    parameter tensor and step as ``maml_pp_lrs.png``.
 
     Example (what the runner does per task)::
 
@@ -235,7 +235,7 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
         metrics = {"maml_pp/lr_mean": flat.mean().item(), "maml_pp/lr_std": flat.std().item() if flat.numel() > 1
                    else 0.0, "maml_pp/lr_min": flat.min().item(), "maml_pp/lr_max": flat.max().item(),
                    "maml_pp/lr_negative_fraction": (flat < 0).float().mean().item()}
-        metrics |= {f"maml_pp/lr_mean_step{k}": rates[:, k].mean().item() for k in range(rates.shape[1])}
+        metrics |= {f"maml_pp/lr_mean_step{k + 1}": rates[:, k].mean().item() for k in range(rates.shape[1])}
         return FitReport(metrics, {"maml_pp_lrs.png": _rates_figure(rates, names)})
 
 
