@@ -1,0 +1,39 @@
+"""`metalab compare`'s cells over a few seeds: Student's t intervals, and a caption that says so."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from metalab.compare import compare
+
+
+@pytest.fixture
+def three_seeds(tmp_path: Path) -> str:
+    """Finished runs as training logs them: maml (3 seeds, accuracies 0.5, 0.6, 0.7) and protonet (2 seeds)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("kanji")
+    for algorithm, values in {"maml": [0.5, 0.6, 0.7], "protonet": [0.8, 0.9]}.items():
+        for seed, value in enumerate(values):
+            run = client.create_run(experiment, tags={"metalab.algorithm": algorithm, "metalab.task": "kanji"})
+            client.log_param(run.info.run_id, "seed", seed)
+            client.log_metric(run.info.run_id, "meta_val/post_acc", value, step=5)
+            client.log_metric(run.info.run_id, "meta_test/post_acc", value, step=10)
+            client.set_terminated(run.info.run_id)
+    return uri
+
+
+def test_cells_are_mean_and_students_t_interval_over_seeds_and_caption_names_it(three_seeds: str,
+                                                                                 tmp_path: Path) -> None:
+    result = compare(three_seeds, out=tmp_path / "report")
+    cells = result.table.set_index("row")
+    assert cells.loc["maml", "n"] == 3 and cells.loc["maml", "mean"] == pytest.approx(0.6)
+    assert cells.loc["maml", "ci95"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)  # t(0.975, 2)
+    assert cells.loc["protonet", "ci95"] == pytest.approx(12.706205 * 0.05, rel=1e-6)  # t(0.975, 1)·s/√2, s = 0.1/√2
+    caption = (tmp_path / "report" / "table.md").read_text().splitlines()[0]
+    assert caption.startswith("meta_test/post_acc: mean ± 95% CI, Student's t with n−1 degrees of freedom")
+    assert "| maml | 0.6000 ± 0.2484 (n=3) |" in (tmp_path / "report" / "table.md").read_text()
