@@ -12,7 +12,8 @@ learn2learn's spirit:
 Opt-in, for the ``vmap`` backend: ``vectorised_adapt(support_x, support_y, context)`` adapts a whole
 stacked meta-batch at once and returns a predictor of its stacked queries (T, Q, *x) → (T, Q, *out). An
 algorithm without it never runs under ``vmap``. An algorithm that owns its whole outer step (e.g. TRPO
-for meta-RL) sets ``owns_outer_step = True`` and implements :meth:`~MetaAlgorithm.outer_step`.
+for meta-RL) sets ``owns_outer_step = True`` and implements :meth:`~MetaAlgorithm.outer_step`. Evaluation's
+``pre_*`` metrics come from :meth:`~MetaAlgorithm.unadapted` (default: ``model``; ``None``: none logged).
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ class MetaAlgorithm(nn.Module, ABC):
     @abstractmethod
     def adapt(self, task: Task, context: Context) -> Predictor:
         """A predictor adapted to ``task``'s support set (in training, differentiable in the meta-parameters)."""
+
+    def unadapted(self, task: Task, context: Context) -> Predictor | None:
+        """What predicts ``task``'s queries before adaptation, for the ``pre_*`` metrics: the shared
+        initialisation by default. ``None`` where "before adaptation" means nothing the algorithm uses
+        (ProtoNet: its only predictor is built from the support set), and no ``pre_*`` metric is logged."""
+        return self.model
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """What the outer optimiser updates, in the order of every ``TaskGradient.gradient``."""

@@ -49,6 +49,11 @@ class ProtoNet(MetaAlgorithm):
     def adapt(self, task: Task, context: Context) -> Predictor:
         return PrototypeClassifier(self.embedding, task.support_x, task.support_y, self.distance, self.temperature)
 
+    def unadapted(self, task: Task, context: Context) -> None:
+        """No ``pre_*`` metrics: the model's head is never used, and the nearest prototype of the unadapted
+        embedding is what :meth:`adapt` returns, so a "before" would repeat the ``post_*`` numbers."""
+        return None
+
 
 class PrototypeClassifier(nn.Module):
     """Logits of queries against the prototypes of one task's support set.
