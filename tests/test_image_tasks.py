@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,15 @@ def test_kanji_splits_are_disjoint_by_class_and_alphabet(kanji_cache: str) -> No
     assert all(len(family.load_split(s).images) == 20 * len(names[s]) for s in SPLITS)
 
 
+def test_kanji_splits_hold_no_alphabet_below_min_alphabet_size(kanji_cache: str) -> None:
+    family = kanji(kanji_cache)  # 150 classes, alphabets cut at 20: the last one used to be cut to 13 (val)
+    for split in SPLITS:
+        sizes = Counter(name.split("/")[0] for name in family.load_split(split).class_names)
+        assert sizes and 14 <= min(sizes.values()) and max(sizes.values()) <= 20, (split, sizes)
+    with pytest.raises(ConfigError, match=r"need 1 <= min_alphabet_size <= max_alphabet_size, got 21 and 20"):
+        kanji(kanji_cache, min_alphabet_size=21)
+
+
 def test_kanji_episodes_shapes_labels_and_determinism(kanji_cache: str) -> None:
     family = kanji(kanji_cache, ways=5, shots=2, queries=3)
     for split in SPLITS:
@@ -97,17 +107,65 @@ def test_omniglot_lake_split_from_folders_and_zips(omniglot_root: Path, tmp_path
     check_episodes(family, "test")
 
 
-def test_omniglot_vinyals_split_and_rotations(omniglot_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(omniglot_module, "VINYALS_TRAIN", 14)  # 20 characters here instead of 1623
-    family = Omniglot(root=str(omniglot_root), split="vinyals", val_classes=4, rotations=True, ways=5,
-                      shots=1, queries=1)
-    sizes = {split: len(family.load_split(split).class_names) for split in SPLITS}
-    assert sizes == {"train": 40, "val": 16, "test": 24}  # (10, 4, 6) characters × 4 rotations
-    data = family.load_split("test")
+@pytest.fixture(scope="module")
+def full_omniglot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Omniglot's 1,623 real character names in its layout, two tiny images each."""
+    names = [name for members in omniglot_module.vinyals_characters().values() for name in members]
+    return fake_datasets.omniglot_named_tree(tmp_path_factory.mktemp("omniglot-full"), names)
+
+
+def vinyals_lines(split: str) -> list[str]:
+    return (omniglot_module.VINYALS_FOLDER / f"{split}.txt").read_text().split()
+
+
+def test_omniglot_vinyals_split_is_the_published_lists(full_omniglot: Path) -> None:
+    plain = Omniglot(root=str(full_omniglot), split="vinyals").characters_by_split()
+    assert {split: len(plain[split]) for split in SPLITS} == {"train": 1028, "val": 172, "test": 423}
+    names = {split: {name for name, _ in plain[split]} for split in SPLITS}
+    assert not names["train"] & names["val"] and not names["train"] & names["test"] and not names["val"] & names["test"]
+    family = Omniglot(root=str(full_omniglot), split="vinyals", rotations=True, ways=5, shots=1, queries=1)
+    for split in ("val", "test"):  # with rotations, the classes are the files' lines, rotDDD ↔ @DDD
+        classes = family.load_split(split).class_names
+        assert sorted(classes) == sorted(f"{line[:-7]}@{int(line[-3:])}" for line in vinyals_lines(split))
+    data = family.load_split("val")
     first = data.images[data.labels == 0][0]
-    rotated = data.images[data.labels == 6][0]  # the same character turned 90°
+    rotated = data.images[data.labels == 172][0]  # the same character turned 90°
     assert torch.equal(first.rot90(1, dims=(1, 2)), rotated)
-    check_episodes(family, "train")
+    check_episodes(family, "val")
+
+
+def test_shipped_vinyals_lists_hold_four_rotations_of_1623_distinct_characters() -> None:
+    lines = {split: vinyals_lines(split) for split in SPLITS}
+    assert {split: len(lines[split]) for split in SPLITS} == {"train": 4112, "val": 688, "test": 1692}
+    characters = omniglot_module.vinyals_characters()
+    for split in SPLITS:
+        assert sorted(lines[split]) == sorted(f"{c}/rot{r:03d}" for c in characters[split] for r in (0, 90, 180, 270))
+    assert len({c for members in characters.values() for c in members}) == 1623
+    assert (omniglot_module.VINYALS_FOLDER / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_omniglot_maml_split_is_a_fixed_shuffle_of_all_characters(full_omniglot: Path) -> None:
+    split = Omniglot(root=str(full_omniglot), split="maml").characters_by_split()
+    names = {part: [name for name, _ in split[part]] for part in SPLITS}
+    assert {part: len(names[part]) for part in SPLITS} == {"train": 1100, "val": 100, "test": 423}
+    assert len(set(names["train"]) | set(names["val"]) | set(names["test"])) == 1623
+    assert names == {part: [name for name, _ in chars] for part, chars in
+                     Omniglot(root=str(full_omniglot), split="maml").characters_by_split().items()}
+    # Pinned: a change of seed, order or sizes changes every published comparison made with this split.
+    assert names["train"][:2] == ["Gurmukhi/character23", "Malayalam/character36"]
+    assert names["val"][0] == "Tifinagh/character11" and names["test"][0] == "Keble/character04"
+
+
+def test_omniglot_split_settings_fail_in_one_line(omniglot_root: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^task.split must be one of lake, vinyals, maml, got 'vinyls'$"):
+        Omniglot(root=str(omniglot_root), split="vinyls")
+    with pytest.raises(ConfigError, match=r"task.val_classes applies to task.split=lake only"):
+        Omniglot(root=str(omniglot_root), split="vinyals", val_classes=4)
+    with pytest.raises(ConfigError, match=r"task.split=vinyals lists 1623 characters not under task.root=.*"
+                                          r"\(e.g. Alphabet_of_the_Magi/character01\)"):
+        Omniglot(root=str(omniglot_root), split="vinyals").characters_by_split()
+    with pytest.raises(ConfigError, match=r"task.split=maml needs Omniglot's 1623 characters, .* has 20"):
+        Omniglot(root=str(omniglot_root), split="maml").characters_by_split()
 
 
 def test_omniglot_missing_or_corrupt_data_names_layout_key_and_path(tmp_path: Path, omniglot_root: Path) -> None:

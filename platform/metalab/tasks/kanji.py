@@ -3,7 +3,10 @@
 Each glyph (kanji, hiragana, katakana) is a class; each class has ``drawers`` seeded variations of it
 (see :mod:`metalab.tasks.strokes`). "Alphabets" are the kana sets and the kanji's Kangxi radicals
 (KanjiVG's ``kvg:radical``), and the train/val/test split is by alphabet, as Omniglot's
-background/evaluation split is, so test classes (and their alphabets) are never seen in training.
+background/evaluation split is: no test glyph, and no glyph of a test alphabet, is seen in training. That
+is weaker than Omniglot's unseen alphabets: a kanji is filed under one radical but is built of several
+components, and the same components (radicals among them) recur in glyphs of other alphabets, so a test
+glyph's strokes are often partly familiar. See :class:`KanjiHandwriting`.
 KanjiVG © Ulrich Apel and contributors, CC BY-SA 3.0 (see NOTICE).
 """
 
@@ -26,7 +29,7 @@ from metalab.errors import ConfigError
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 from metalab.tasks.strokes import DrawerStyle, Stroke, parse_path, render
 
-RENDER_VERSION = 1  # bump when rendering changes, so stale caches are not reused
+RENDER_VERSION = 2  # bump when rendering or the split changes, so stale caches are not reused (2: no short alphabet)
 _RADICAL_PRIORITY = ("tradit", "general", "nelson", "jis")
 _PATH = re.compile(r'<path [^>]*?\bd="([^"]+)"')
 _RADICAL = re.compile(r'kvg:element="([^"]+)"[^>]*?kvg:radical="([a-z]+)"')
@@ -84,9 +87,15 @@ def read_glyphs(folder: Path) -> list[Glyph]:
 
 def split_alphabets(glyphs: list[Glyph], num_classes: int, min_alphabet_size: int, max_alphabet_size: int,
                     background_fraction: float, val_fraction: float, split_seed: int) -> dict[str, list[Glyph]]:
-    """Pick whole alphabets in a seeded order (each capped at ``max_alphabet_size`` glyphs, as Omniglot's
-    alphabets hold 14–55 characters) up to ``num_classes`` glyphs, and give each alphabet to the split
-    furthest below its share: train ``background_fraction − val_fraction``, val ``val_fraction``, test the rest."""
+    """Pick whole alphabets in a seeded order up to ``num_classes`` glyphs, and give each alphabet to the split
+    furthest below its share: train ``background_fraction − val_fraction``, val ``val_fraction``, test the rest.
+
+    Every alphabet given holds ``min_alphabet_size``–``max_alphabet_size`` glyphs (Omniglot's hold 14–55
+    characters): one longer than ``max_alphabet_size`` gives its first glyphs; one that would leave less than
+    ``min_alphabet_size`` of the budget gives fewer, so that the next alphabet still fits whole enough; an
+    alphabet that cannot give ``min_alphabet_size`` within the budget is skipped. So the splits hold exactly
+    ``num_classes`` glyphs unless no remaining alphabet fits what is left.
+    """
     by_alphabet: dict[str, list[Glyph]] = defaultdict(list)
     for glyph in glyphs:
         by_alphabet[glyph.alphabet].append(glyph)
@@ -95,12 +104,18 @@ def split_alphabets(glyphs: list[Glyph], num_classes: int, min_alphabet_size: in
     splits: dict[str, list[Glyph]] = {split: [] for split in shares}
     total = 0
     for index in np.random.default_rng(split_seed).permutation(len(names)):
-        if total >= num_classes:
+        room = num_classes - total
+        if room < min_alphabet_size:
             break
-        members = by_alphabet[names[index]][: min(max_alphabet_size, num_classes - total)]
-        total += len(members)
+        members = by_alphabet[names[index]]
+        take = min(max_alphabet_size, len(members), room)
+        if 0 < room - take < min_alphabet_size:  # the rest could hold no alphabet: leave it one that fits
+            take = room - min_alphabet_size
+        if take < min_alphabet_size:
+            continue
+        total += take
         split = max(shares, key=lambda name: shares[name] * num_classes - len(splits[name]))
-        splits[split].extend(members)
+        splits[split].extend(members[:take])
     empty = [split for split, members in splits.items() if not members]
     if empty:
         raise ConfigError(f"task.num_classes={num_classes} leaves the {'/'.join(empty)} split without an alphabet: "
@@ -111,9 +126,18 @@ def split_alphabets(glyphs: list[Glyph], num_classes: int, min_alphabet_size: in
 class KanjiHandwriting(ImageClassFamily):
     """Omniglot-like few-shot classification rendered from KanjiVG, offline.
 
+    The split is class-disjoint and alphabet-disjoint, alphabets being radical groups (and the two kana
+    sets): each glyph is in one split, each alphabet in one split, and every alphabet has
+    ``min_alphabet_size``–``max_alphabet_size`` glyphs. It is not component-disjoint: a kanji is filed
+    under one radical yet contains others, and those components recur across alphabets, so "unseen
+    alphabet" here means less than in Omniglot, where a test alphabet's strokes are new. With the defaults
+    (kanjivg 20260714), 634 of the 644 test kanji share a component (KanjiVG ``kvg:element``) with some
+    training glyph, and 13 of the 18 test radicals occur inside training glyphs.
+
     Arguments: ``image_size`` (28 as Omniglot), ``drawers`` per class (20 as Omniglot), ``num_classes``
     (1623 as Omniglot), ``background_fraction`` / ``val_fraction`` of classes for train+val / val,
-    ``min_alphabet_size`` and ``max_alphabet_size`` (glyphs an alphabet must have / may give),
+    ``min_alphabet_size`` and ``max_alphabet_size`` (glyphs an alphabet must have / may give; see
+    :func:`split_alphabets`),
     ``split_seed`` (which alphabets go where), ``variation`` (scales all drawer variation; 0 = identical
     drawers), ``cache_dir`` (rendered images; ``None`` = ``$XDG_CACHE_HOME/metalab`` or ``~/.cache/metalab``).
     ``kwargs``: :class:`ImageClassFamily`'s episode settings (``channels`` 1 grey, 3 = grey repeated) and
@@ -130,6 +154,9 @@ class KanjiHandwriting(ImageClassFamily):
         if image_size < 8 or drawers < 1 or num_classes < 3 or variation < 0:
             raise ConfigError(f"task.image_size >= 8, task.drawers >= 1, task.num_classes >= 3 and task.variation "
                               f">= 0 are needed; got {image_size}, {drawers}, {num_classes}, {variation}")
+        if not 1 <= min_alphabet_size <= max_alphabet_size:
+            raise ConfigError("task.min_alphabet_size and task.max_alphabet_size need 1 <= min_alphabet_size <= "
+                              f"max_alphabet_size, got {min_alphabet_size} and {max_alphabet_size}")
         if not 0 < val_fraction < background_fraction < 1:
             raise ConfigError("task.val_fraction and task.background_fraction need 0 < val_fraction < "
                               f"background_fraction < 1, got {val_fraction} and {background_fraction}")
