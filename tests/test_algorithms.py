@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from metalab.algorithms import ANIL, Context, MetaSGD, ProtoNet, Reptile
+from metalab.config import config_dir
 from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
 from metalab.models import MLP
@@ -156,7 +157,14 @@ def test_metasgd_logs_learned_rates_and_histogram(job, tmp_path) -> None:
     assert "metasgd_lrs.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-ALGORITHMS = ["maml", "fomaml", "metasgd", "anil", "reptile", "protonet"]
+ALGORITHMS = sorted(path.stem for path in (config_dir() / "algorithm").glob("*.yaml"))  # every option
+
+
+def test_before_adaptation_is_the_model_except_for_protonet() -> None:
+    model = MLP(1, (4,), 1)
+    task, context = double_tasks(1)[0], Context(F.mse_loss, training=False)
+    assert ANIL(model).unadapted(task, context) is model
+    assert ProtoNet(model).unadapted(task, context) is None  # prototypes need the support set: no "pre" metric
 
 
 def test_every_algorithm_logs_the_same_metric_names(job, tmp_path, kanji_cache) -> None:
@@ -168,10 +176,11 @@ def test_every_algorithm_logs_the_same_metric_names(job, tmp_path, kanji_cache) 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("kanji").experiment_id])
     assert sorted(run.data.tags["metalab.algorithm"] for run in runs) == sorted(ALGORITHMS)
-    names = {run.data.tags["metalab.algorithm"]: {m for m in run.data.metrics if not m.startswith("metasgd/")}
-             for run in runs}
-    expected = {"meta_train/loss", *(f"meta_{stage}/{when}_{kind}{ci}" for stage in ("val", "test")
-                                     for when in ("pre", "post") for kind in ("loss", "acc") for ci in ("", "_ci95"))}
+    names = {run.data.tags["metalab.algorithm"]: {m for m in run.data.metrics if m.startswith(("meta_", "epoch"))}
+             for run in runs}  # besides an algorithm's own (metasgd/*, maml_pp/*)
     for algorithm, logged in names.items():
+        phases = ("post",) if algorithm == "protonet" else ("pre", "post")  # ProtoNet has no "before adaptation"
+        expected = {"meta_train/loss", *(f"meta_{stage}/{when}_{kind}{ci}" for stage in ("val", "test")
+                                         for when in phases for kind in ("loss", "acc") for ci in ("", "_ci95"))}
         assert expected <= logged, (algorithm, expected - logged)
         assert logged - expected == {"meta_train/post_acc", "epoch"}, (algorithm, logged - expected)

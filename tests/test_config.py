@@ -53,13 +53,13 @@ def test_experiment_preset_overrides_the_defaults(job) -> None:
     assert cfg.trainer.max_steps == 20 and cfg.task.test_tasks == 20
 
 
-def test_mean_and_ci95_matches_the_textbook_formula() -> None:
+def test_mean_and_ci95_is_students_t_interval() -> None:
     import torch
 
     values = torch.tensor([1.0, 2.0, 3.0, 4.0])
     mean, ci95 = mean_and_ci95(values)
     assert mean == pytest.approx(2.5)
-    assert ci95 == pytest.approx(1.959964 * 1.2909944 / 2.0, rel=1e-6)  # s = sqrt(5/3)
+    assert ci95 == pytest.approx(3.182446 * 1.2909944 / 2.0, rel=1e-6)  # t(0.975, 3) · s/√4, s = sqrt(5/3)
 
 
 def test_no_group_is_empty() -> None:

@@ -20,7 +20,6 @@ from PIL import Image
 
 from metalab.compare import compare
 from metalab.errors import ConfigError
-from metalab.stats import Z_95
 from tests.conftest import BIN, compose_job, run_cli
 
 
@@ -59,12 +58,12 @@ def test_compare_matches_search_runs_and_writes_plots(two_by_two: Path) -> None:
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["sweeps"], filter_string=f"tags.`metalab.sweep_id` = '{sweep_id}'")
     runs = runs[runs["tags.metalab.sweep_parent"] != "true"]
-    for algorithm in ("maml", "fomaml"):  # by hand: mean and 1.96·s/√n over the two seeds
+    for algorithm in ("maml", "fomaml"):  # by hand: mean and t(0.975, 1)·s/√n over the two seeds
         values = runs[runs["tags.metalab.algorithm"] == algorithm]["metrics.meta_test/post_loss"].to_numpy()
         row = result.table[(result.table["row"] == algorithm) & (result.table["column"] == "sinusoid")].iloc[0]
         assert row["n"] == 2
         assert row["mean"] == pytest.approx(values.mean())
-        assert row["ci95"] == pytest.approx(Z_95 * values.std(ddof=1) / math.sqrt(2))
+        assert row["ci95"] == pytest.approx(12.706205 * values.std(ddof=1) / math.sqrt(2), rel=1e-6)
     assert result.table["best"].sum() == 1 and result.table.loc[result.table["best"], "mean"].iloc[0] == \
         result.table["mean"].min()  # a loss: lower is better
     markdown = (two_by_two / "report" / "table.md").read_text()

@@ -145,11 +145,14 @@ class MetaLearner(pl.LightningModule):
         for module in self.algorithm.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.train()
+        context = self.context(training=False)
         with torch.no_grad():
             for task in tasks:
-                before = self.algorithm.model(task.query_x)
-                self._record("pre", self.loss_fn(before, task.query_y), before, task.query_y)
-        self._record_adapted(tasks, self.context(training=False))
+                unadapted = self.algorithm.unadapted(task, context)
+                if unadapted is not None:  # None: no "before adaptation" (ProtoNet), so no pre_* metrics
+                    before = unadapted(task.query_x)
+                    self._record("pre", self.loss_fn(before, task.query_y), before, task.query_y)
+        self._record_adapted(tasks, context)
 
     def _curve(self, tasks: Episodes) -> None:
         """Query loss (and accuracy) after 1, 2, …, ``test_curve_steps`` inner steps: ``post_loss_step<k>``."""

@@ -122,6 +122,8 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> N
     metric, label = ("acc", "accuracy") if task.problem == "classification" else ("loss", "MSE")
     print(f"\nmeta-test over {task.test_tasks} tasks (mean ± 95% CI):")
     for when in ("pre", "post"):
+        if f"meta_test/{when}_{metric}" not in metrics:  # no "before adaptation" for this algorithm (ProtoNet)
+            continue
         mean, ci95 = metrics[f"meta_test/{when}_{metric}"], metrics[f"meta_test/{when}_{metric}_ci95"]
         print(f"  {when}-adaptation {label}: {mean:.4f} ± {ci95:.4f}")
     if tracking.run_id:
