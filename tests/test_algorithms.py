@@ -152,9 +152,18 @@ def test_metasgd_logs_learned_rates_and_histogram(job, tmp_path) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
     metrics = run.data.metrics
-    assert metrics["metasgd/lr_min"] <= metrics["metasgd/lr_mean"] <= metrics["metasgd/lr_max"]
+    rates = saved_parameters(tmp_path / "run0", ".lrs.")  # the rates the run ended with, from its checkpoint
+    assert rates.numel() == 1 + 40 + 40 + 40 * 40 + 40 + 40  # one per weight of MLP(1, (40, 40), 1)
+    for name, value in {"mean": rates.mean(), "std": rates.std(), "min": rates.min(), "max": rates.max()}.items():
+        assert metrics[f"metasgd/lr_{name}"] == pytest.approx(value.item(), rel=1e-6), name
     assert metrics["metasgd/lr_std"] > 0  # 20 meta-steps moved the rates away from their common start
     assert "metasgd_lrs.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def saved_parameters(run_dir, marker: str) -> torch.Tensor:
+    """Every saved tensor whose state-dict key contains ``marker``, flattened, from the run's last checkpoint."""
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return torch.cat([value.flatten().double() for key, value in state.items() if marker in key])
 
 
 ALGORITHMS = sorted(path.stem for path in (config_dir() / "algorithm").glob("*.yaml"))  # every option

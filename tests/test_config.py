@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
 from metalab.config import OBJECT_GROUPS, config_dir
@@ -40,10 +41,10 @@ def test_object_options_declare_their_schema(group: str) -> None:
 def test_schema_types_come_from_the_constructor(job) -> None:
     cfg = job("task.meta_batch_size=4")
     assert cfg.task.meta_batch_size == 4
-    with pytest.raises(Exception) as error:
+    with pytest.raises(ConfigCompositionException) as error:
         job("task.meta_batch_size=four")
     assert "could not be converted to Integer" in str(error.value.__cause__)
-    with pytest.raises(Exception) as error:
+    with pytest.raises(ConfigCompositionException) as error:
         job("task.shotz=4")
     assert "Key 'shotz' not in 'SinusoidRegressionConfig'" in str(error.value.__cause__)
 

@@ -17,7 +17,7 @@ from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner
 from metalab.tasks import Episodes
 from metalab.train import train
-from tests.test_algorithms import KANJI
+from tests.test_algorithms import KANJI, saved_parameters
 from tests.test_backends import image_tasks
 from tests.test_meta_gradient import double_tasks
 from tests.test_training import SHORT
@@ -179,7 +179,10 @@ def test_maml_pp_learns_sinusoids_and_records_its_rates(job, tmp_path) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
     logged = run.data.metrics
-    assert logged["maml_pp/lr_min"] <= logged["maml_pp/lr_mean"] <= logged["maml_pp/lr_max"]
+    rates = saved_parameters(tmp_path / "run0", ".rates.")  # the learned rates, from the run's last checkpoint
+    assert rates.numel() == 6 * 2  # one per parameter tensor of MLP(1, (40, 40), 1) and inner step
+    for name, value in {"mean": rates.mean(), "min": rates.min(), "max": rates.max()}.items():
+        assert logged[f"maml_pp/lr_{name}"] == pytest.approx(value.item(), rel=1e-5), name
     assert logged["maml_pp/lr_std"] > 0  # the rates moved apart from their common start
     assert {"maml_pp/lr_mean_step1", "maml_pp/lr_mean_step2"} <= set(logged)  # one per inner step
     assert "maml_pp_lrs.png" in {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from metalab.errors import ConfigError
 from metalab.reliability import DivergenceError
 from metalab.train import train
 from tests.conftest import BIN, compose_job, run_cli
@@ -50,7 +51,7 @@ def test_unreachable_tracking_server_fails_fast_before_training(tmp_path: Path) 
 
 
 def test_unwritable_sqlite_folder_is_refused(job) -> None:
-    with pytest.raises(Exception, match="does not exist or is not writable"):
+    with pytest.raises(ConfigError, match="folder /nonexistent/folder does not exist or is not writable"):
         train(job("debug=smoke", "tracking.tracking_uri=sqlite:////nonexistent/folder/mlflow.db"))
 
 

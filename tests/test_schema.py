@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import pytest
 import yaml
+from hydra.errors import ConfigCompositionException
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
@@ -171,6 +172,6 @@ def test_every_task_schema_has_its_base_classes_arguments(option: Path) -> None:
 def test_an_inherited_key_gets_did_you_mean_and_type_checks(job) -> None:
     assert "did you mean 'meta_batch_size'" in check_overrides(["task=kanji", "task.meta_bach_size=4"])
     assert job("task=kanji", "task.meta_batch_size=4").task.meta_batch_size == 4
-    with pytest.raises(Exception) as error:
+    with pytest.raises(ConfigCompositionException) as error:
         job("task=kanji", "task.meta_batch_size=four")
     assert "could not be converted to Integer" in str(error.value.__cause__)
