@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -35,6 +36,15 @@ class MetaLearner(pl.LightningModule):
     step. Validation and test adapt on held-out tasks and log, per stage, the mean and 95% CI over tasks of
     the query loss before (``pre_``) and after (``post_``) adaptation, and accuracy for classification:
     ``meta_val/post_loss``, ``meta_val/post_loss_ci95``, ...
+
+    Batch norm: adaptation (training and evaluation) and evaluation's predictions never write the running
+    statistics (:func:`running_statistics_untouched`): learn2learn clones share them, and under
+    ``runner.backend=threads`` tasks would write them at once. Instead, once per meta-iteration and before
+    the outer step, ``algorithm.update_running_statistics`` runs on the meta-batch's first task (the same
+    task on every process of a distributed run). So the statistics, and a checkpoint, are the same for
+    every backend, and ``model.eval()`` uses statistics of the unadapted model on training episodes.
+    Evaluation normalises as ``algorithm.eval_batch_norm`` says: ``transductive`` (batch norm in training
+    mode: each task's own batch statistics, as MAML and learn2learn evaluate) or ``running`` (eval mode).
 
     Arguments:
         algorithm: the maths (:class:`~metalab.algorithms.base.MetaAlgorithm`).
@@ -77,12 +87,16 @@ class MetaLearner(pl.LightningModule):
 
     def training_step(self, tasks: Episodes, batch_idx: int) -> Tensor | None:
         context = self.context(training=True)
-        if self.algorithm.owns_outer_step:
-            predictions, meta_loss = self.algorithm.outer_step(tasks, context, self.optimizers())
+        if self.algorithm.owns_outer_step:  # it steps the optimiser itself: statistics first, from θ before it
+            self._update_running_statistics(tasks)
+            with running_statistics_untouched(self.algorithm):
+                predictions, meta_loss = self.algorithm.outer_step(tasks, context, self.optimizers())
             weight = 1.0
         else:  # with several processes, this one adapts its share of the meta-batch
+            self._update_running_statistics(tasks)  # the whole meta-batch's first task, on every process
             tasks, weight = self.runner.share(tasks, self.global_rank, self.trainer.world_size if self._trainer else 1)
-            predictions, meta_loss = self.runner.meta_loss(self.algorithm, tasks, context, agree=self._agree)
+            with running_statistics_untouched(self.algorithm):
+                predictions, meta_loss = self.runner.meta_loss(self.algorithm, tasks, context, agree=self._agree)
         if not torch.isfinite(meta_loss):  # one scalar check per step: stop at the first bad step
             raise DivergenceError(f"meta_train/loss is {meta_loss.item()} at step {self.global_step}: training "
                                   "diverged; lower optimizer.lr or algorithm.inner_lr (last.ckpt holds the last "
@@ -93,6 +107,13 @@ class MetaLearner(pl.LightningModule):
                 accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])
                 self.log("meta_train/post_acc", accuracy.mean(), batch_size=len(tasks))
         return meta_loss * weight if self.automatic_optimization else None
+
+    def _update_running_statistics(self, tasks: Episodes) -> None:
+        """One momentum step of the batch-norm running statistics from the meta-batch's first task, with the
+        meta-parameters before this step's update (see the class docstring)."""
+        if any(module.track_running_stats for module in batch_norms(self.algorithm)):
+            with torch.no_grad():
+                self.algorithm.update_running_statistics(tasks[0])
 
     def _agree(self, backend: str) -> str:
         """Every process uses the backend rank 0 chose (their timings may differ)."""
@@ -125,12 +146,29 @@ class MetaLearner(pl.LightningModule):
             report(self.logger, metrics=learned.metrics, figures=learned.figures, step=self.global_step)
 
     def validation_step(self, tasks: Episodes, batch_idx: int) -> None:
-        self._evaluate(tasks)
+        with self._evaluation_batch_norm():
+            self._evaluate(tasks)
 
     def test_step(self, tasks: Episodes, batch_idx: int) -> None:
-        self._evaluate(tasks)
-        if self.test_curve_steps:
-            self._curve(tasks)
+        with self._evaluation_batch_norm():
+            self._evaluate(tasks)
+            if self.test_curve_steps:
+                self._curve(tasks)
+
+    @contextmanager
+    def _evaluation_batch_norm(self) -> Iterator[None]:
+        """Batch norm as ``algorithm.eval_batch_norm`` says (training mode: transductive; eval mode: running
+        statistics), writing no running statistics; the modules' modes are restored after. Dropout stays off."""
+        norms = batch_norms(self.algorithm)
+        modes = [module.training for module in norms]
+        for module in norms:
+            module.train(self.algorithm.eval_batch_norm == "transductive")
+        try:
+            with running_statistics_untouched(self.algorithm):
+                yield
+        finally:
+            for module, mode in zip(norms, modes, strict=True):
+                module.train(mode)
 
     def on_validation_epoch_end(self) -> None:
         self._log_summary("meta_val")
@@ -139,12 +177,8 @@ class MetaLearner(pl.LightningModule):
         self._log_summary("meta_test")
 
     def _evaluate(self, tasks: Episodes) -> None:
-        """Record per-task pre- and post-adaptation query loss (and accuracy) for the epoch summary."""
-        # Transductive batch norm, as MAML and learn2learn evaluate: each task normalises with its own
-        # batch statistics (running statistics, averaged over tasks, fit no single task). Dropout stays off.
-        for module in self.algorithm.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.train()
+        """Record per-task pre- and post-adaptation query loss (and accuracy) for the epoch summary (batch norm
+        set by :meth:`_evaluation_batch_norm`)."""
         context = self.context(training=False)
         with torch.no_grad():
             for task in tasks:
@@ -184,3 +218,26 @@ class MetaLearner(pl.LightningModule):
     @staticmethod
     def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
         return (logits.argmax(dim=-1) == target).float().mean()
+
+
+def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def running_statistics_untouched(module: nn.Module) -> Iterator[None]:
+    """Inside, no batch norm of ``module`` writes its running statistics (nor ``num_batches_tracked``): in
+    training mode it normalises with the batch's statistics, in eval mode with the running ones, read only.
+
+    It switches ``track_running_stats`` off, so copies made inside (learn2learn's ``clone()``, a deep copy,
+    MAML++'s per-task module tree) inherit the switch; set and restored in the calling thread, around work
+    that worker threads may share.
+    """
+    tracking = [m for m in batch_norms(module) if m.track_running_stats]
+    for norm in tracking:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in tracking:
+            norm.track_running_stats = True

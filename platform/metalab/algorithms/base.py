@@ -14,6 +14,14 @@ stacked meta-batch at once and returns a predictor of its stacked queries (T, Q,
 algorithm without it never runs under ``vmap``. An algorithm that owns its whole outer step (e.g. TRPO
 for meta-RL) sets ``owns_outer_step = True`` and implements :meth:`~MetaAlgorithm.outer_step`. Evaluation's
 ``pre_*`` metrics come from :meth:`~MetaAlgorithm.unadapted` (default: ``model``; ``None``: none logged).
+An algorithm whose tasks depend on one another (state carried from task to task) sets
+``sequential_tasks``: the runner then executes its tasks with the loop only.
+
+Batch norm: adaptation and evaluation never write running statistics (the learner switches their tracking
+off around them, so every backend leaves the same checkpoint); once per meta-iteration the learner calls
+:meth:`~MetaAlgorithm.update_running_statistics` on the meta-batch's first task instead. ``eval_batch_norm``
+says how evaluation normalises: ``transductive`` (each task's batch statistics, as MAML) or ``running`` (the
+running statistics, as ``model.eval()``; Prototypical Networks' code).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +43,8 @@ if TYPE_CHECKING:
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Predictor = Callable[[Any], Tensor]  # query inputs → predictions
+BatchNormMode = Literal["transductive", "running"]
+BATCH_NORM_MODES = ("transductive", "running")
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,8 @@ class MetaAlgorithm(nn.Module, ABC):
     problems: tuple[str, ...] = ("regression", "classification")  # task kinds it can learn
     one_output_per_way: bool = True  # the model's head has ``ways`` outputs (not so for metric-based ones)
     owns_outer_step: bool = False  # True: :meth:`outer_step` replaces the runner and the outer optimiser step
+    sequential_tasks: bool = False  # True: a task starts from state the previous one left (loop backend only)
+    eval_batch_norm: BatchNormMode = "transductive"  # how evaluation normalises (module docstring)
 
     @property
     @abstractmethod
@@ -96,6 +108,14 @@ class MetaAlgorithm(nn.Module, ABC):
         initialisation by default. ``None`` where "before adaptation" means nothing the algorithm uses
         (ProtoNet: its only predictor is built from the support set), and no ``pre_*`` metric is logged."""
         return self.model
+
+    def update_running_statistics(self, task: Task) -> None:
+        """One forward, in training mode, that moves the batch-norm running statistics (by each layer's
+        momentum) towards this training task's: the unadapted model on the support and query inputs in one
+        batch. The learner calls it under ``no_grad`` with the meta-batch's first task, once per
+        meta-iteration, before the outer step; an algorithm whose predictor normalises other inputs (e.g. a
+        sub-network) overrides it."""
+        self.model(joined_inputs(task))
 
     def meta_parameters(self) -> list[nn.Parameter]:
         """What the outer optimiser updates, in the order of every ``TaskGradient.gradient``."""
@@ -152,3 +172,10 @@ class GradientBasedAlgorithm(MetaAlgorithm):
         for _ in range(self.steps(context)):
             learner.adapt(context.loss_fn(learner(inputs), targets), first_order=None if context.training else True)
         return learner
+
+
+def joined_inputs(task: Task) -> Any:
+    """The task's support and query inputs as one batch (tensors, or dicts of tensors with the same keys)."""
+    if isinstance(task.support_x, dict):
+        return {key: torch.cat([value, task.query_x[key]]) for key, value in task.support_x.items()}
+    return torch.cat([task.support_x, task.query_x])

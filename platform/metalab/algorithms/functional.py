@@ -2,9 +2,9 @@
 
 ``vmap`` over tasks of (``grad`` of the support loss through ``functional_call`` → SGD step), then of the
 query prediction with each task's adapted weights. Each task keeps its own batch-norm statistics (``vmap``
-maps the task dimension away, so every batch-norm call sees one task's samples only), and the outer
-backward goes through ``grad`` as through learn2learn's ``clone()/adapt()``: the two give the same
-meta-gradient (tests/test_backends.py).
+maps the task dimension away, so every batch-norm call sees one task's samples only; in eval mode the
+running statistics, read only), and the outer backward goes through ``grad`` as through learn2learn's
+``clone()/adapt()``: the two give the same meta-gradient (tests/test_backends.py).
 """
 
 from __future__ import annotations
@@ -21,20 +21,24 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _batch_norm_from_primitives(module: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor], Tensor]:
-    """Batch norm with batch statistics, written with elementary ops.
+    """Batch norm written with elementary ops: the batch's statistics in training mode, the running ones in
+    eval mode (``algorithm.eval_batch_norm=running``), as ``nn.BatchNorm`` normalises.
 
     ``torch.batch_norm``'s own double-backward gives wrong second-order gradients under ``vmap`` (seen with
     torch 2.14: the meta-gradient of a conv bias before batch norm, which must be zero, was not). These
-    ops differentiate correctly to any order; the running buffers are left alone (metalab never predicts
-    with running statistics: evaluation is transductive)."""
+    ops differentiate correctly to any order. The running buffers are never written: the learner updates
+    them once per meta-iteration, outside the runner, whatever the backend."""
 
     def forward(x: Tensor) -> Tensor:
         dims = [0, *range(2, x.dim())]  # every dimension but the channels: (N, C, ...) → per channel
-        mean = x.mean(dims, keepdim=True)
-        variance = (x - mean).pow(2).mean(dims, keepdim=True)
+        shape = [1, -1, *[1] * (x.dim() - 2)]
+        if not module.training and module.running_mean is not None:
+            mean, variance = module.running_mean.view(shape), module.running_var.view(shape)
+        else:
+            mean = x.mean(dims, keepdim=True)
+            variance = (x - mean).pow(2).mean(dims, keepdim=True)
         normalised = (x - mean) / torch.sqrt(variance + module.eps)
         if module.affine:
-            shape = [1, -1, *[1] * (x.dim() - 2)]
             normalised = normalised * module.weight.view(shape) + module.bias.view(shape)
         return normalised
 
@@ -43,7 +47,7 @@ def _batch_norm_from_primitives(module: nn.modules.batchnorm._BatchNorm) -> Call
 
 @contextmanager
 def batch_statistics_only(network: nn.Module) -> Iterator[None]:
-    """Every batch norm of ``network`` normalises with its batch's statistics, by elementary ops."""
+    """Every batch norm of ``network`` normalises by elementary ops (batch statistics in training mode)."""
     norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for module in norms:
         module.forward = _batch_norm_from_primitives(module)

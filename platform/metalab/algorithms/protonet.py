@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import Context, MetaAlgorithm, Predictor
+from metalab.algorithms.base import BATCH_NORM_MODES, BatchNormMode, Context, MetaAlgorithm, Predictor, joined_inputs
 from metalab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -23,20 +23,27 @@ class ProtoNet(MetaAlgorithm):
 
     The embedding is ``model.features`` when the model has one (its head is unused), else the model.
     ``distance``: ``euclidean`` (squared, as the paper) or ``cosine`` (scaled by ``temperature``).
+    ``eval_batch_norm``: ``running`` embeds evaluation episodes with the batch-norm running statistics, as
+    the authors' code does (``model.eval()`` in ``protonets/utils/model.py``), so each image's embedding is
+    its own; ``transductive`` normalises each episode by its own batch statistics (support and queries
+    together). The running statistics follow the training episodes' embedding forward (support and queries
+    in one batch), one momentum step per meta-iteration, as in the authors' code with one episode a step.
     """
 
     problems = ("classification",)
     one_output_per_way = False  # prototypes, not a head: any number of ways, in training and test alike
 
     def __init__(self, model: nn.Module, distance: Literal["euclidean", "cosine"] = "euclidean",
-                 temperature: float = 10.0) -> None:
+                 temperature: float = 10.0, eval_batch_norm: BatchNormMode = "transductive") -> None:
         super().__init__()
         if distance not in ("euclidean", "cosine"):
             raise ConfigError(f"algorithm.distance must be euclidean or cosine, got {distance!r}")
         if temperature <= 0:
             raise ConfigError(f"algorithm.temperature must be > 0, got {temperature}")
+        if eval_batch_norm not in BATCH_NORM_MODES:
+            raise ConfigError(f"algorithm.eval_batch_norm must be transductive or running, got {eval_batch_norm!r}")
         self.network = model
-        self.distance, self.temperature = distance, temperature
+        self.distance, self.temperature, self.eval_batch_norm = distance, temperature, eval_batch_norm
 
     @property
     def model(self) -> nn.Module:
@@ -48,6 +55,11 @@ class ProtoNet(MetaAlgorithm):
 
     def adapt(self, task: Task, context: Context) -> Predictor:
         return PrototypeClassifier(self.embedding, task.support_x, task.support_y, self.distance, self.temperature)
+
+    def update_running_statistics(self, task: Task) -> None:
+        """The embedding of the episode's support and queries in one batch, as :class:`PrototypeClassifier`
+        embeds them (the head is never used)."""
+        self.embedding(joined_inputs(task))
 
     def unadapted(self, task: Task, context: Context) -> None:
         """No ``pre_*`` metrics: the model's head is never used, and the nearest prototype of the unadapted

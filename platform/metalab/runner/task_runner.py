@@ -13,6 +13,11 @@ the mean of the tasks' meta-gradients.
   warm-up; ``threads`` only on a CPU with more than one thread) and keeps the fastest (``vmap`` only if it
   beats the loop by more than ``vmap_margin``). A candidate that fails on the probe batch is dropped and
   the reason recorded; the run goes on with the others.
+
+An algorithm with ``sequential_tasks`` (each task starts from state the one before left, e.g. Reptile's
+carried inner Adam) runs with the loop only: its result depends on task order, which ``threads`` and ``vmap``
+do not keep. ``threads`` and ``vmap`` are refused for it, and ``auto`` takes the loop without timing (timing
+would run extra tasks through that state).
 """
 
 from __future__ import annotations
@@ -63,6 +68,10 @@ class TaskRunner:
 
     def check(self, algorithm: MetaAlgorithm) -> None:
         """Refuse a backend the algorithm cannot run, before anything is trained."""
+        if self.backend in ("threads", "vmap") and algorithm.sequential_tasks:
+            raise ConfigError(f"runner.backend={self.backend}: {type(algorithm).__name__} as configured starts each "
+                              "task from the state the previous task left (e.g. algorithm.carry_inner_state=true), "
+                              "so its tasks must run one after another: use runner.backend=loop or auto")
         if self.backend == "vmap" and not vectorises(algorithm):
             raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt, so it "
                               "cannot run vectorised: use runner.backend=loop, threads or auto")
@@ -124,6 +133,9 @@ class TaskRunner:
 
     def _probe(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context) -> str:
         """Time one meta-gradient with each candidate backend on this meta-batch; return the fastest."""
+        if algorithm.sequential_tasks:
+            self.probe = {"loop": "only candidate (sequential_tasks)"}
+            return "loop"
         candidates = ["loop"]
         if _on_cpu(episodes) and torch.get_num_threads() > 1:
             candidates.append("threads")

@@ -32,9 +32,10 @@ class LabelledImages:
 
 class ImageClassFamily(TaskFamily):
     """Few-shot classification: each task draws ``ways`` classes of a split, ``shots`` support and
-    ``queries`` query images per class, labels remapped to 0..ways−1. ``train_ways`` and
-    ``train_queries`` (``None``: the same) set other episodes for meta-training, as Prototypical Networks
-    train with more ways than they test (Snell et al. 2017, §3.1).
+    ``queries`` query images per class, labels remapped to 0..ways−1. ``train_ways``, ``train_shots`` and
+    ``train_queries`` (``None``: the same) set other episodes for meta-training only (validation and test
+    keep ``ways``/``shots``/``queries``), as Prototypical Networks train with more ways than they test
+    (Snell et al. 2017, §3.1) and Reptile with more shots (Nichol et al. 2018, appendix A: 10 for 5-shot).
 
     Subclasses load the data (:meth:`load_split`); episodes are built with learn2learn's
     ``MetaDataset``/``Taskset`` and its ``NWays``, ``KShots``, ``LoadData``, ``RemapLabels`` transforms.
@@ -47,16 +48,18 @@ class ImageClassFamily(TaskFamily):
     problem = "classification"
 
     def __init__(self, *, ways: int = 5, shots: int = 1, queries: int = 15, channels: int = 1,
-                 train_ways: int | None = None, train_queries: int | None = None, **kwargs: Any) -> None:
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         for key, value in {"ways": ways, "shots": shots, "queries": queries, "train_ways": train_ways,
-                           "train_queries": train_queries}.items():
+                           "train_shots": train_shots, "train_queries": train_queries}.items():
             if value is not None and value < 1:
                 raise ConfigError(f"task.{key} must be >= 1, got {value}")
         if channels not in (1, 3):
             raise ConfigError(f"task.channels must be 1 (grey) or 3 (RGB), got {channels}")
         self.ways, self.shots, self.queries, self.channels = ways, shots, queries, channels
-        self.train_ways, self.train_queries = train_ways or ways, train_queries or queries
+        self.train_ways, self.train_shots = train_ways or ways, train_shots or shots
+        self.train_queries = train_queries or queries
         self._tasksets: dict[str, l2l.data.Taskset] = {}
 
     @abstractmethod
@@ -77,30 +80,36 @@ class ImageClassFamily(TaskFamily):
                 raise ConfigError(f"{where}cannot read {error.filename} ({error.strerror}): check the path and its "
                                   "permissions") from None
             self._check_enough(split, data)
-            ways, queries = self.episode(split)
+            ways, shots, queries = self.episode(split)
             dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
             transforms = [l2l.data.transforms.NWays(dataset, ways),
-                          l2l.data.transforms.KShots(dataset, self.shots + queries),
+                          l2l.data.transforms.KShots(dataset, shots + queries),
                           l2l.data.transforms.LoadData(dataset),
                           l2l.data.transforms.RemapLabels(dataset)]
             self._tasksets[split] = l2l.data.Taskset(dataset, task_transforms=transforms, num_tasks=-1)
         return self._tasksets[split]
 
-    def episode(self, split: str) -> tuple[int, int]:
-        """Ways and queries per class of ``split``'s episodes."""
-        return (self.train_ways, self.train_queries) if split == "train" else (self.ways, self.queries)
+    def episode(self, split: str) -> tuple[int, int, int]:
+        """Ways, shots and queries per class of ``split``'s episodes."""
+        if split == "train":
+            return self.train_ways, self.train_shots, self.train_queries
+        return self.ways, self.shots, self.queries
 
     def _check_enough(self, split: str, data: LabelledImages) -> None:
-        ways, queries = self.episode(split)
-        prefix = "train_" if split == "train" and (ways, queries) != (self.ways, self.queries) else ""
+        ways, shots, queries = self.episode(split)
+        # Name the train_* key where meta-training's episodes differ, so the message points at what was set.
+        train = split == "train"
+        ways_key = "train_ways" if train and ways != self.ways else "ways"
+        shots_key = "train_shots" if train and shots != self.shots else "shots"
+        queries_key = "train_queries" if train and queries != self.queries else "queries"
         classes = len(data.class_names)
         if classes < ways:
-            raise ConfigError(f"task.{prefix}ways={ways} but the {split} split of {self.name} has only {classes} "
-                              f"classes: lower task.{prefix}ways")
+            raise ConfigError(f"task.{ways_key}={ways} but the {split} split of {self.name} has only {classes} "
+                              f"classes: lower task.{ways_key}")
         fewest = int(data.samples_per_class().min())
-        if fewest < self.shots + queries:
-            raise ConfigError(f"task.shots + task.{prefix}queries = {self.shots + queries} but a {split} class of "
-                              f"{self.name} has only {fewest} images: lower task.shots or task.{prefix}queries")
+        if fewest < shots + queries:
+            raise ConfigError(f"task.{shots_key} + task.{queries_key} = {shots + queries} but a {split} class of "
+                              f"{self.name} has only {fewest} images: lower task.{shots_key} or task.{queries_key}")
 
     def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
         taskset = self.taskset(split)
@@ -112,15 +121,15 @@ class ImageClassFamily(TaskFamily):
             random.setstate(state)
         return Episodes(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))
 
-    def _split_support_query(self, images: torch.Tensor, labels: torch.Tensor, ways: int,
+    def _split_support_query(self, images: torch.Tensor, labels: torch.Tensor, ways: int, shots: int,
                              queries: int) -> tuple[torch.Tensor, ...]:
         """Sort by class; the first ``shots`` images of each class are support, the rest query."""
         order = torch.argsort(labels, stable=True)
         images = images[order].float().div_(255)
         if images.shape[1] != self.channels:  # grey ↔ RGB as the model expects
             images = images.expand(-1, 3, -1, -1) if self.channels == 3 else images.mean(1, keepdim=True)
-        images = images.reshape(ways, self.shots + queries, *images.shape[1:])
-        labels = labels[order].reshape(ways, self.shots + queries)
-        support = images[:, :self.shots].flatten(0, 1), labels[:, :self.shots].flatten()
-        query = images[:, self.shots:].flatten(0, 1), labels[:, self.shots:].flatten()
+        images = images.reshape(ways, shots + queries, *images.shape[1:])  # (N, K + Q, C, H, W)
+        labels = labels[order].reshape(ways, shots + queries)
+        support = images[:, :shots].flatten(0, 1), labels[:, :shots].flatten()
+        query = images[:, shots:].flatten(0, 1), labels[:, shots:].flatten()
         return support[0], support[1], query[0], query[1]
