@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from metalab.algorithms import MAML, Context, MAMLPlusPlus
 from metalab.algorithms.maml_pp import multi_step_loss_weights
 from metalab.errors import ConfigError
+from metalab.learner import MetaLearner
 from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner
 from metalab.tasks import Episodes
@@ -134,7 +135,9 @@ def test_per_step_statistics_are_updated_in_training_and_left_alone_by_evaluatio
     statistics = algorithm.bn_statistics.get_buffer("features-1-normalize-running_mean")  # (steps, C)
     assert torch.equal(statistics, torch.zeros(2, 8, dtype=torch.double))
     tasks = image_tasks(count=2)
-    algorithm.query_loss(tasks[0], Context(F.cross_entropy, training=True))
+    learner = MetaLearner(algorithm, optimizer=torch.optim.Adam, problem="classification", runner=TaskRunner("loop"))
+    learner.log = lambda *args, **kwargs: None
+    learner.training_step(tasks, 0)  # a real step: the runner's adaptations leave statistics alone, then BNRS
     trained = statistics.clone()
     assert (trained[0] != 0).all() and (trained[1] != 0).all() and not torch.allclose(trained[0], trained[1])
     algorithm.adapt(tasks[1], Context(F.cross_entropy, training=False))(tasks[1].query_x)

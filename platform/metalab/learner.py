@@ -113,7 +113,7 @@ class MetaLearner(pl.LightningModule):
         meta-parameters before this step's update (see the class docstring)."""
         if any(module.track_running_stats for module in batch_norms(self.algorithm)):
             with torch.no_grad():
-                self.algorithm.update_running_statistics(tasks[0])
+                self.algorithm.update_running_statistics(tasks[0], self.context(training=True))
 
     def _agree(self, backend: str) -> str:
         """Every process uses the backend rank 0 chose (their timings may differ)."""

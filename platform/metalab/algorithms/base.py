@@ -109,7 +109,7 @@ class MetaAlgorithm(nn.Module, ABC):
         (ProtoNet: its only predictor is built from the support set), and no ``pre_*`` metric is logged."""
         return self.model
 
-    def update_running_statistics(self, task: Task) -> None:
+    def update_running_statistics(self, task: Task, context: Context) -> None:
         """One forward, in training mode, that moves the batch-norm running statistics (by each layer's
         momentum) towards this training task's: the unadapted model on the support and query inputs in one
         batch. The learner calls it under ``no_grad`` with the meta-batch's first task, once per

@@ -186,6 +186,17 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
             loss = term if loss is None else loss + term
         return prediction, loss
 
+    def update_running_statistics(self, task: Task, context: Context) -> None:
+        """BNRS: step k's running statistics move towards this task's at inner step k, by running the inner loop
+        on the task's support set (the learner calls this once per meta-iteration with tracking on; the runner's
+        adaptations leave every statistic alone). Without BNRS, the network's own statistics, as every algorithm."""
+        if not self.per_step_bn_statistics:
+            super().update_running_statistics(task, context)
+            return
+        with torch.enable_grad():  # the inner steps need the support loss's gradient; nothing else is kept
+            for _ in self._inner_loop(_own_modules(self.network), task.support_x, task.support_y, context):
+                pass
+
     def _inner_loop(self, network: nn.Module, support_x: Tensor, support_y: Tensor,
                     context: Context) -> Iterator[tuple[int, Weights]]:
         """Yield (k, adapted weights) after each inner step; k indexes the per-step copies (the last trained

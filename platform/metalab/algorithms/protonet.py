@@ -56,7 +56,7 @@ class ProtoNet(MetaAlgorithm):
     def adapt(self, task: Task, context: Context) -> Predictor:
         return PrototypeClassifier(self.embedding, task.support_x, task.support_y, self.distance, self.temperature)
 
-    def update_running_statistics(self, task: Task) -> None:
+    def update_running_statistics(self, task: Task, context: Context) -> None:
         """The embedding of the episode's support and queries in one batch, as :class:`PrototypeClassifier`
         embeds them (the head is never used)."""
         self.embedding(joined_inputs(task))
