@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from metalab.compare import compare
+from metalab.tracking.data import log_data
 
 
 @pytest.fixture
@@ -37,3 +38,30 @@ def test_cells_are_mean_and_students_t_interval_over_seeds_and_caption_names_it(
     caption = (tmp_path / "report" / "table.md").read_text().splitlines()[0]
     assert caption.startswith("meta_test/post_acc: mean ± 95% CI, Student's t with n−1 degrees of freedom")
     assert "| maml | 0.6000 ± 0.2484 (n=3) |" in (tmp_path / "report" / "table.md").read_text()
+
+
+def test_a_cell_mixing_runs_on_different_data_is_flagged(tmp_path: Path) -> None:
+    """Two kanji copies in the maml cell (digests differ), one in the protonet cell: one warning, under the table."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("kanji")
+    for algorithm, digests in {"maml": ["aaaa000011112222", "bbbb000011112222"],
+                               "protonet": ["aaaa000011112222", "aaaa000011112222"]}.items():
+        for seed, digest in enumerate(digests):
+            run = client.create_run(experiment, tags={"metalab.algorithm": algorithm, "metalab.task": "kanji"})
+            log_data(client, run.info.run_id, {"name": "kanji", "source_type": "local",
+                                               "source": f"/cache/{digest}.npz", "digest": digest})
+            client.log_param(run.info.run_id, "seed", seed)
+            client.log_metric(run.info.run_id, "meta_test/post_acc", 0.5 + seed / 10, step=10)
+            client.set_terminated(run.info.run_id)
+
+    result = compare(uri, out=tmp_path / "report")
+    warning = ("warning: maml × kanji mixes runs on different data (digests aaaa000011112222, bbbb000011112222): "
+               "compare runs of one copy of the data set")
+    assert result.warnings == [warning]
+    assert (tmp_path / "report" / "table.md").read_text().endswith(f"\n\n{warning}\n")
+
+
+def test_runs_on_one_copy_of_the_data_compare_without_a_warning(three_seeds: str, tmp_path: Path) -> None:
+    result = compare(three_seeds, out=tmp_path / "report")
+    assert result.warnings == [] and "warning" not in (tmp_path / "report" / "table.md").read_text()

@@ -11,7 +11,9 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
 from metalab.config import experiments_dir
-from metalab.reproduce import Row, markdown, preset_names, verdict
+from metalab.reproduce import Row, markdown, preset_names, reproduce, verdict
+from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
+from metalab.train import train
 from tests import fake_datasets
 from tests.conftest import BIN
 
@@ -140,3 +142,35 @@ def test_unknown_reproduction_lists_the_presets(tmp_path: Path) -> None:
 
 def test_presets_live_in_the_experiments_folder() -> None:
     assert experiments_dir() == Path(__file__).resolve().parents[1] / "experiments"
+
+
+def test_from_mlflow_judges_the_run_with_the_preset_s_config_not_the_newest(job, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    smoke = ["experiment=maml_sinusoid_k5", "debug=plumbing"]  # what `metalab reproduce --budget smoke` runs
+    train(job(*smoke))
+    train(job(*smoke, "algorithm.inner_lr=0.5"))  # newer, as many steps, another config
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    preset_run, other_run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                               order_by=["attributes.start_time ASC"])
+    assert other_run.data.params["trainer.max_steps"] == preset_run.data.params["trainer.max_steps"] == "2"
+    assert other_run.data.tags[CONFIG_HASH_TAG] != preset_run.data.tags[CONFIG_HASH_TAG]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+    row = reproduce("maml_sinusoid_k5", budget="smoke", from_mlflow=True)
+    assert row.run_id == preset_run.info.run_id
+    assert row.ours == pytest.approx(preset_run.data.metrics["meta_test/post_loss"])
+    table = markdown([row])
+    assert f"- maml_sinusoid_k5: judged run {preset_run.info.run_id} ({preset_run.info.run_name})" in table
+    assert other_run.info.run_id not in table
+
+    missing = reproduce("maml_sinusoid_k5", budget="smoke", overrides=["seed=7"], from_mlflow=True)
+    assert missing.run_id is None and missing.problem.startswith(
+        f"no finished run of maml_sinusoid_k5 with this config ({CONFIG_HASH_TAG}=")
+
+
+def test_config_hash_ignores_where_a_run_writes_and_displays_only(job, tmp_path: Path) -> None:
+    base = config_hash(job("debug=plumbing"))
+    assert config_hash(job("debug=plumbing", "trainer.enable_progress_bar=true", "sampling_workers=1",
+                           f"tracking.tracking_uri=sqlite:///{tmp_path}/other.db")) == base
+    assert config_hash(job("debug=plumbing", "seed=1")) != base
+    assert config_hash(job("debug=plumbing", "task.eval_batch_size=1")) != base

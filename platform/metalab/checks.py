@@ -12,12 +12,19 @@ from hydra.core.hydra_config import HydraConfig
 from metalab.algorithms.base import MetaAlgorithm
 from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
+from metalab.models import ResNet12
 from metalab.tasks.base import TaskFamily
 
 
 def require_accelerator(accelerator: str) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("hardware=gpu needs a CUDA device and none is visible: use hardware=cpu")
+
+
+# learn2learn's ResNet-12 max-pools by 2 (flooring) in each of its four blocks, then average-pools 5×5 into one
+# 640-vector: only sides with ⌊side / 16⌋ = 5, i.e. 80–95 px, give the head its 640 inputs (84 is
+# mini-ImageNet's). Smaller sides fail in the pooling or, at 64–79 px, divide by zero in DropBlock's rate.
+RESNET12_SIDES = range(80, 96)
 
 
 def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
@@ -28,12 +35,20 @@ def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
     try:
         with torch.no_grad():
             model(support_x)
-    except RuntimeError as error:
+    except (RuntimeError, ZeroDivisionError) as error:
         raise ConfigError(f"model {type(model).__name__} does not take task {task.name}'s inputs of shape "
-                          f"{tuple(support_x.shape)} ({' '.join(str(error).split())[:120]}): choose a model for "
-                          "this task (images: model=cnn4 or resnet12; vectors: model=mlp)") from None
+                          f"{tuple(support_x.shape)} ({' '.join(str(error).split())[:120]}): "
+                          f"{what_fits(model, tuple(support_x.shape))}") from None
     finally:
         model.train(was_training)
+
+
+def what_fits(model: torch.nn.Module, shape: tuple[int, ...]) -> str:
+    """The fix for inputs of ``shape`` (B, *x) that ``model`` does not take: its input size, where it needs one."""
+    if isinstance(model, ResNet12) and len(shape) == 4 and shape[-1] not in RESNET12_SIDES:
+        return (f"ResNet-12 needs 84×84 images (any side of {RESNET12_SIDES.start}–{RESNET12_SIDES.stop - 1} px), "
+                f"these are {shape[-2]}×{shape[-1]}: set task.image_size=84, or use model=cnn4 (sized from the task)")
+    return "choose a model for this task (images: model=cnn4 or resnet12; vectors: model=mlp)"
 
 
 def check_algorithm_fits(algorithm: MetaAlgorithm, task: TaskFamily) -> None:

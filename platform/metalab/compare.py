@@ -4,7 +4,9 @@ Reads runs with ``mlflow.search_runs`` (through :class:`metalab.tracking.runs.Ru
 are any two config keys (``algorithm`` and ``task`` by default: the chosen options, from the
 ``metalab.<group>`` tags; any other key is read from the params, e.g. ``task.shots``); a cell is the mean
 ± 95% CI of the metric over the runs that share both keys (the seeds), with Student's t quantile for their
-n − 1 degrees of freedom (:mod:`metalab.stats`: over 2–5 seeds, 1.96 would be 2–6× too narrow). Writes
+n − 1 degrees of freedom (:mod:`metalab.stats`: over 2–5 seeds, 1.96 would be 2–6× too narrow). A cell whose
+runs recorded different data (their dataset inputs' digests, :mod:`metalab.tracking.data`) gets a warning line
+under the table: its runs did not see the same images. Writes
 ``table.md``, ``table.csv``, ``learning_curves.png`` and, where the runs vary ``task.shots``,
 ``accuracy_vs_shots.png`` (error bars: the same interval); with ``--sweep`` they are also logged to the sweep's
 parent run, under ``compare/``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,7 @@ class Comparison:
     table: pd.DataFrame  # long form: row, column, mean, ci95, n, best
     metric: str
     files: list[Path]
+    warnings: list[str]  # e.g. cells mixing runs on different data
 
 
 def compare(tracking_uri: str | None = None, experiments: list[str] | None = None, sweep_id: str | None = None,
@@ -50,16 +54,18 @@ def compare(tracking_uri: str | None = None, experiments: list[str] | None = Non
     runs = runs.assign(_row=key_values(runs, rows), _column=key_values(runs, columns),
                        _value=runs[f"metrics.{metric}"]).dropna(subset=["_value"])
     table = summarise(runs, higher_is_better="loss" not in metric)
+    warnings = mixed_data(runs.assign(_data=runs["run_id"].map(store.data_digests(list(runs["run_id"])))))
     out = out or Path("reports") / (sweep_id or "compare")
     out.mkdir(parents=True, exist_ok=True)
-    files = [write_markdown(table, metric, rows, columns, out / "table.md"), write_csv(table, out / "table.csv"),
+    files = [write_markdown(table, metric, rows, columns, out / "table.md", warnings),
+             write_csv(table, out / "table.csv"),
              plot_learning_curves(store, runs, metric, out / "learning_curves.png")]
     if "params.task.shots" in runs and runs["params.task.shots"].nunique() > 1:
         files.append(plot_versus_shots(runs, metric, out / "accuracy_vs_shots.png"))
     parent = store.sweep_parent(sweep_id, experiments) if sweep_id else None
     if parent:
         store.annotate(parent, files=files, folder="compare")
-    return Comparison(table, metric, files)
+    return Comparison(table, metric, files, warnings)
 
 
 def key_values(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -80,17 +86,31 @@ def summarise(runs: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
     return table.drop(columns="std").rename(columns={"_row": "row", "_column": "column"})
 
 
+def mixed_data(runs: pd.DataFrame) -> list[str]:
+    """One line per cell whose runs recorded more than one data digest (``_data``; runs without one are not
+    counted: nothing says what they used)."""
+    lines = []
+    for (row, column), group in runs.groupby(["_row", "_column"]):
+        digests = sorted(group["_data"].dropna().unique())
+        if len(digests) > 1:
+            lines.append(f"warning: {row} × {column} mixes runs on different data (digests {', '.join(digests)}): "
+                         "compare runs of one copy of the data set")
+    return lines
+
+
 def cell(row: pd.Series) -> str:
     text = f"{row['mean']:.4f}" + (f" ± {row['ci95']:.4f}" if not math.isnan(row["ci95"]) else "") + f" (n={row['n']})"
     return f"**{text}**" if row["best"] else text
 
 
-def write_markdown(table: pd.DataFrame, metric: str, rows: str, columns: str, path: Path) -> Path:
+def write_markdown(table: pd.DataFrame, metric: str, rows: str, columns: str, path: Path,
+                   warnings: Sequence[str] = ()) -> Path:
     pivot = table.assign(cell=table.apply(cell, axis=1)).pivot(index="row", columns="column", values="cell").fillna("—")
     header = f"| {rows} \\ {columns} | " + " | ".join(map(str, pivot.columns)) + " |"
     lines = [f"{metric}: mean ± {INTERVAL} (n = runs, the seeds); best per column in bold", "", header,
              "|" + "---|" * (len(pivot.columns) + 1)]
     lines += [f"| {index} | " + " | ".join(pivot.loc[index]) + " |" for index in pivot.index]
+    lines += ["", *warnings] if warnings else []
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -53,6 +53,7 @@ class TrainerConfig:
 
     _target_: str = "pytorch_lightning.Trainer"
     max_steps: int = OMEGACONF_MISSING
+    max_time: str | None = None  # a wall-clock budget "DD:HH:MM:SS"; training stops at it or max_steps, then tests
     val_check_interval: int = OMEGACONF_MISSING
     log_every_n_steps: int = OMEGACONF_MISSING
     num_sanity_val_steps: int = OMEGACONF_MISSING

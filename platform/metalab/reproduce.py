@@ -3,10 +3,13 @@
 Each preset is an ``experiment=`` option whose ``reproduction`` block holds the published number, its ±,
 the source and the tolerance (:class:`metalab.config.ReproductionConfig`). For each preset this runs
 ``metalab-train experiment=NAME`` (``--budget smoke`` adds ``debug=plumbing``: two meta-iterations on tiny
-meta-batches, to check the plumbing), or with ``--from-mlflow`` reads the latest finished run of it at the
-same settings, then prints one row: the paper's number ±, ours (mean ± 95% CI over the test tasks), the
-difference and the verdict. The verdict, difference and table are also recorded on the run (tags
-``metalab.reproduction.*`` and the artifact ``reproduction.md``).
+meta-batches, to check the plumbing), or with ``--from-mlflow`` reads the latest finished run of it, then
+prints one row: the paper's number ±, ours (mean ± 95% CI over the test tasks), the difference and the
+verdict, and under the table which run was judged. The run judged is the newest finished one whose whole
+resolved config is the preset's with the same overrides (tag ``metalab.config_hash``,
+:mod:`metalab.tracking.config_hash`): a run of the preset with other overrides is never taken for it. The
+verdict, difference and table are also recorded on the run (tags ``metalab.reproduction.*`` and the artifact
+``reproduction.md``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from omegaconf import DictConfig
 from metalab.config import config_dir, experiments_dir, register_configs
 from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError
 from metalab.overrides import describe
+from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
 from metalab.tracking.runs import RecordedRun, RunStore
 
 BUDGETS = ("paper", "smoke")
@@ -41,6 +45,7 @@ class Row:
     ours: float | None = None
     ours_ci95: float | None = None
     run_id: str | None = None
+    run_name: str | None = None  # the judged run's name, printed with its id under the table
     problem: str | None = None  # why there is no number of ours (the data is missing, the run failed)
     data_missing: bool = False
     curve: list[float] | None = None  # ours after 1, 2, … inner steps, when the preset logs that curve
@@ -94,9 +99,9 @@ def run_preset(name: str, overrides: list[str]) -> tuple[int, str]:
     return process.returncode, errors[-1].removeprefix("metalab: error: ") if errors else ""
 
 
-def latest_run(store: RunStore, name: str, cfg: DictConfig) -> RecordedRun | None:
-    """The newest FINISHED run of preset ``name`` trained for as many steps as ``cfg`` says."""
-    return store.latest_finished_run({"metalab.experiment": name}, {"trainer.max_steps": cfg.trainer.max_steps})
+def latest_run(store: RunStore, cfg: DictConfig) -> RecordedRun | None:
+    """The newest FINISHED run whose config is ``cfg`` (equal ``metalab.config_hash``)."""
+    return store.latest_finished_run({CONFIG_HASH_TAG: config_hash(cfg)})
 
 
 def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = None,
@@ -119,13 +124,14 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
             row.problem, row.data_missing = error or f"exit status {status}", status == DATA_MISSING_EXIT_CODE
             return row
     store = RunStore(cfg.tracking.get("tracking_uri"))  # tracking=none: $MLFLOW_TRACKING_URI or the default
-    run = latest_run(store, name, cfg)
+    run = latest_run(store, cfg)
     if run is None:
-        row.problem = (f"no finished run of {name} with trainer.max_steps={cfg.trainer.max_steps} in "
-                       f"{store.tracking_uri}: run `metalab reproduce {name}` first")
+        row.problem = (f"no finished run of {name} with this config ({CONFIG_HASH_TAG}={config_hash(cfg)[:12]}…, "
+                       f"the preset with the same overrides) in {store.tracking_uri}: run `metalab reproduce {name}` "
+                       "first, with these overrides")
         return row
     metrics = run.metrics
-    row.run_id = run.run_id
+    row.run_id, row.run_name = run.run_id, run.name
     if spec.metric not in metrics:
         row.problem = f"run {row.run_id} has no metric {spec.metric}"
         return row
@@ -162,7 +168,8 @@ def markdown(rows: list[Row]) -> str:
         tolerance = "–" if row.published is None else f"±{row.tolerance:g}"
         lines.append(f"| {row.name} | {_number(row.published, row.published_ci95)} | "
                      f"{_number(row.ours, row.ours_ci95)} | {difference} | {tolerance} | {row.verdict} |")
-    notes = [f"- {row.name}: {row.problem}" for row in rows if row.problem]
+    notes = [f"- {row.name}: judged run {row.run_id} ({row.run_name})" for row in rows if row.run_id]
+    notes += [f"- {row.name}: {row.problem}" for row in rows if row.problem]
     notes += [f"- {row.name}: after 1…{len(row.curve)} inner steps: " + ", ".join(f"{v:.4g}" for v in row.curve)
               for row in rows if row.curve]
     sources = [f"- {row.name}: {row.source}" for row in rows]
@@ -174,7 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", choices=BUDGETS, default="paper",
                         help="paper: the paper's iterations and test tasks (default); smoke: a two-step plumbing check")
     parser.add_argument("--from-mlflow", action="store_true",
-                        help="read the latest finished run of each preset instead of training")
+                        help="read the latest finished run of each preset with the same config (the preset and these "
+                             "overrides) instead of training")
     parser.add_argument("--out", type=Path, default=None, help="also write the table to this markdown file")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every preset, e.g. task.root=/data/omniglot")
 

@@ -114,7 +114,7 @@ def run_info(task: TaskFamily) -> RunInfo:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return RunInfo(experiment_name=task.name, run_name=f"{choices.get('algorithm', 'run')}-{task.name}-{stamp}",
                    output_dir=Path(runtime.output_dir), choices=choices,
-                   overrides=list(HydraConfig.get().overrides.task))
+                   overrides=list(HydraConfig.get().overrides.task), data=task.data_description())
 
 
 def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Literal
@@ -53,6 +55,24 @@ class TaskFamily(pl.LightningDataModule):
 
     def prepare(self) -> None:
         """Load and check the data, so a problem with it stops the run before anything is recorded."""
+
+    generator_parameters: tuple[str, ...] = ()  # a generated family's attributes that define its data
+
+    def data_description(self) -> dict[str, str]:
+        """The data this family's tasks come from, recorded on each run as an MLflow dataset input.
+
+        Keys: ``name``; ``source_type`` ("local": files at the path ``source``, or "generated": ``source`` is
+        the generating class); ``digest`` (16 hex digits of a sha256, changed by any change of the data);
+        ``digest_of`` (what the digest covers); any further counts or parameters. Called after
+        :meth:`prepare`. This default describes a generated family: the digest covers the class and its
+        :attr:`generator_parameters` (sinusoid: amplitude, phase and input ranges); episode settings
+        (shots, ways) and seeds are not data, so runs that vary them compare the same data.
+        """
+        generator = f"{type(self).__module__}.{type(self).__qualname__}"
+        parameters = json.dumps({name: getattr(self, name) for name in self.generator_parameters}, sort_keys=True)
+        digest = hashlib.sha256(f"{generator} {parameters}".encode()).hexdigest()[:16]
+        return {"name": self.name, "source_type": "generated", "source": generator, "digest": digest,
+                "digest_of": "the generator and its parameters", "parameters": parameters}
 
     @abstractmethod
     def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:

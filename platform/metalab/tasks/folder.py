@@ -61,6 +61,10 @@ class ImageFolder(ImageClassFamily):
             self._classes = classes
         return self._classes
 
+    def data_description(self) -> dict[str, str]:
+        return super().data_description() | {"source": str(self.root.resolve()),
+                                             "split_file": str(self.split_file.resolve())}
+
     def load_split(self, split: str) -> LabelledImages:
         if split not in self._splits:
             classes = [(name, sorted(file for file in (self.root / name).iterdir()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from abc import abstractmethod
 from dataclasses import dataclass
@@ -70,6 +72,20 @@ class ImageClassFamily(TaskFamily):
         """Load every split and check it can serve the configured episodes (fails at start, not mid-run)."""
         for split in SPLITS:
             self.taskset(split)
+
+    def data_description(self) -> dict[str, str]:
+        """The images served, as the base describes data: the digest is a sha256 of every split's uint8 images
+        (as served: resized, rotations added), labels and class names, so two copies of a data set that
+        serve the same pixels share it; counts per split. A subclass adds ``source`` (where it read them)."""
+        hasher, counts = hashlib.sha256(), {}
+        for split in SPLITS:
+            data = self.load_split(split)
+            hasher.update(json.dumps([split, data.class_names]).encode())
+            hasher.update(data.images.contiguous().numpy())
+            hasher.update(data.labels.contiguous().numpy())
+            counts |= {f"{split}_classes": str(len(data.class_names)), f"{split}_images": str(len(data.labels))}
+        return {"name": self.name, "source_type": "local", "digest": hasher.hexdigest()[:16],
+                "digest_of": "every split's images as served (uint8), labels and class names", **counts}
 
     def taskset(self, split: str) -> l2l.data.Taskset:
         if split not in self._tasksets:

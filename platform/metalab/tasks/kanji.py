@@ -165,11 +165,16 @@ class KanjiHandwriting(ImageClassFamily):
         self.variation = variation
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._splits: dict[str, LabelledImages] | None = None
+        self._cache: Path | None = None  # the rendered images' file, once loaded
 
     def load_split(self, split: str) -> LabelledImages:
         if self._splits is None:
             self._splits = self._load_or_render()
         return self._splits[split]
+
+    def data_description(self) -> dict[str, str]:
+        description = super().data_description()  # loads the splits: the cache file is known after
+        return description | {"source": str(self._cache), "kanjivg": metadata.version("kanjivg")}
 
     def _load_or_render(self) -> dict[str, LabelledImages]:
         settings = {"render": RENDER_VERSION, "kanjivg": metadata.version("kanjivg"), "size": self.image_size,
@@ -179,6 +184,7 @@ class KanjiHandwriting(ImageClassFamily):
         cache = self.cache_dir / f"kanji-{key}.npz"
         if not cache.exists():
             self._render_to(cache)
+        self._cache = cache
         stored = np.load(cache)
         return {split: LabelledImages(torch.from_numpy(stored[f"{split}_images"]),
                                       torch.from_numpy(stored[f"{split}_labels"]),

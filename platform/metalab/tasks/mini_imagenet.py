@@ -50,6 +50,9 @@ class MiniImageNet(ImageClassFamily):
                                   f"{pickled} and {listed}): expected {LAYOUT}; set task.root to that folder")
         return self._splits[split]
 
+    def data_description(self) -> dict[str, str]:
+        return super().data_description() | {"source": str(self.root.resolve())}
+
     def _from_pickle(self, path: Path) -> LabelledImages:
         try:
             with path.open("rb") as handle:

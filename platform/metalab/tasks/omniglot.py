@@ -110,6 +110,9 @@ class Omniglot(ImageClassFamily):
             self._splits = {name: self._load(characters) for name, characters in self.characters_by_split().items()}
         return self._splits[split]
 
+    def data_description(self) -> dict[str, str]:
+        return super().data_description() | {"source": str(self.root.resolve()), "split": self.split}
+
     def characters_by_split(self) -> dict[str, list[Character]]:
         background, evaluation = (find_characters(self.root, part) for part in PARTS)
         if not background or not evaluation:

@@ -22,6 +22,7 @@ class SinusoidRegression(TaskFamily):
 
     name = "sinusoid"
     problem = "regression"
+    generator_parameters = ("amplitude", "phase", "x_range")  # the data, for data_description()
 
     def __init__(self, *, shots: int = 10, queries: int = 10,
                  amplitude_min: float = 0.1, amplitude_max: float = 5.0,
@@ -58,6 +59,7 @@ class SinusoidLineRegression(SinusoidRegression):
     the points per task) and :class:`TaskFamily`'s."""
 
     name = "sinusoid_line"
+    generator_parameters = (*SinusoidRegression.generator_parameters, "line_fraction", "slope")
 
     def __init__(self, *, line_fraction: float = 0.5, slope_min: float = -3.0, slope_max: float = 3.0,
                  **kwargs: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -21,6 +21,7 @@ class RunInfo:
     output_dir: Path
     choices: dict[str, str]  # config group -> chosen option, e.g. {"algorithm": "maml"}
     overrides: list[str]
+    data: dict[str, str] = field(default_factory=dict)  # the task family's data_description(): the run's data
 
 
 class Tracking(ABC):

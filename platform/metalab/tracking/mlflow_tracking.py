@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from metalab.errors import ConfigError, one_line
 from metalab.tracking.base import RunInfo, Tracking
 from metalab.tracking.client import experiment_id, fit_tags, source_tags
+from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
+from metalab.tracking.data import log_data
 from metalab.tracking.logger import MLflowRunLogger, ResumedMLFlowLogger
 from metalab.tracking.sweeps import current_sweep
 from metalab.tracking.uri import DEFAULT_TRACKING_URI, require_reachable
 
 RUN_ID_FILE = "mlflow_run_id"  # written into the job's output folder when its run starts
+SYSTEM_METRICS_TAG = "metalab.system_metrics"  # which system metrics the run records, or why none
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, str]:
@@ -39,7 +43,11 @@ class MLflowTracking(Tracking):
 
     The run is created here, with the client, rather than by Lightning's ``MLFlowLogger``: the logger
     truncates params to 250 characters and fills no git tags. The logger is then attached to the run
-    (``run_id=``) and streams the metrics.
+    (``run_id=``) and streams the metrics. The run also holds the config's hash (tag
+    ``metalab.config_hash``, :mod:`metalab.tracking.config_hash`), the data it used (a dataset input,
+    :mod:`metalab.tracking.data`) and MLflow's system metrics (``system/*``: CPU, memory, disk, network, and
+    GPU where ``pynvml`` finds one), sampled every ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds
+    (MLflow's default: 10).
 
     Arguments:
         tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI``, else ``DEFAULT_TRACKING_URI``
@@ -54,6 +62,7 @@ class MLflowTracking(Tracking):
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.run_id: str | None = None
+        self._system_metrics: Any = None  # MLflow's SystemMetricsMonitor of the open run, if it runs
 
     @functools.cached_property
     def client(self) -> MlflowClient:
@@ -66,9 +75,12 @@ class MLflowTracking(Tracking):
     def start(self, cfg: DictConfig, info: RunInfo) -> MLflowRunLogger:
         require_reachable(self.tracking_uri)
         tags = {"metalab.output_dir": str(info.output_dir),
-                "metalab.checkpoint_dir": str(info.output_dir / "checkpoints")}
+                "metalab.checkpoint_dir": str(info.output_dir / "checkpoints"), CONFIG_HASH_TAG: config_hash(cfg)}
         self._create_run(info.experiment_name, info.run_name, info.choices, tags)
         self._log_config(cfg, info)
+        if info.data:
+            log_data(self.client, self.run_id, info.data)
+        self._monitor_system()
         info.output_dir.mkdir(parents=True, exist_ok=True)
         (info.output_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n")  # for resume=auto after a requeue
         # Asynchronous: a metric write never blocks a training step (flushed in finish()).
@@ -95,6 +107,7 @@ class MLflowTracking(Tracking):
         self.client.set_tag(run_id, "metalab.resumed_from", str(checkpoint))
         # Steps logged after the checkpoint (before the run died) are not logged twice.
         logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
+        self._monitor_system(resume=True)
         return ResumedMLFlowLogger(logged, tracking_uri=self.tracking_uri, run_id=run_id, synchronous=False)
 
     def run_begun_in(self, output_dir: Path) -> str | None:
@@ -107,6 +120,26 @@ class MLflowTracking(Tracking):
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in fit_tags(tags).items():
             self.client.set_tag(self.run_id, key, value)
+
+    def _monitor_system(self, resume: bool = False) -> None:
+        """Start MLflow's system-metrics thread on the open run (``resume``: continuing its steps).
+
+        ``mlflow.enable_system_metrics_logging()`` reaches only runs opened by the fluent ``mlflow.start_run``;
+        this run was created with the client, so the monitor is started on its id. The monitor needs
+        ``psutil``, an optional dependency of MLflow: without it the tag says so and the run goes on.
+        """
+        try:  # imported here: the module imports psutil at import time
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as error:
+            self.set_tags({SYSTEM_METRICS_TAG: f"off: {error.name} is not installed (pip install {error.name})"})
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # the tag says what runs, once
+        monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.tracking_uri)
+        monitor.start()
+        self._system_metrics = monitor
+        kinds = [type(m).__name__.removesuffix("Monitor").lower().replace("cpu", "cpu, memory")
+                 for m in monitor.monitors]  # gpu only where pynvml (nvidia-ml-py) finds one
+        self.set_tags({SYSTEM_METRICS_TAG: f"every {monitor.sampling_interval:g} s: {', '.join(kinds)}"})
 
     def _create_run(self, experiment_name: str, run_name: str, choices: dict[str, str], tags: dict[str, str]) -> None:
         """A run in the sweep's experiment, nested under its parent, or in ``experiment_name`` alone."""
@@ -142,6 +175,9 @@ class MLflowTracking(Tracking):
             choices = {g: str(c) for g, c in runtime.runtime.choices.items() if c and not g.startswith("hydra")}
             self._create_run("", f"{choices.get('algorithm', 'run')}-failed", choices,
                              {"metalab.overrides": " ".join(runtime.overrides.task)})
+        if self._system_metrics is not None:
+            self._system_metrics.finish()  # stops the thread and stores its last samples
+            self._system_metrics = None
         mlflow.flush_async_logging()  # every metric logged so far is stored before the status changes
         if error is not None:
             self.set_tags({"metalab.error": one_line(error)})

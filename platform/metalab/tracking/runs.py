@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from metalab.errors import ConfigError
 from metalab.tracking.client import fit_tags
+from metalab.tracking.data import data_digest
 from metalab.tracking.uri import default_tracking_uri
 
 
@@ -20,6 +21,7 @@ class RecordedRun:
     """One run as the reports use it."""
 
     run_id: str
+    name: str
     metrics: dict[str, float]  # the last value of each metric
     tags: dict[str, str]
 
@@ -69,18 +71,24 @@ class RunStore:
         """Step → value of metric ``key`` of run ``run_id`` (empty if the run never logged it)."""
         return {metric.step: metric.value for metric in self.client.get_metric_history(run_id, key)}
 
-    def latest_finished_run(self, tags: Mapping[str, str], params: Mapping[str, object]) -> RecordedRun | None:
+    def data_digests(self, run_ids: Sequence[str]) -> dict[str, str | None]:
+        """Run id → the digest of the data the run recorded as its dataset input (``None``: it recorded none)."""
+        return {run_id: data_digest(self.client.get_run(run_id)) for run_id in run_ids}
+
+    def latest_finished_run(self, tags: Mapping[str, str],
+                            params: Mapping[str, object] | None = None) -> RecordedRun | None:
         """The newest FINISHED run with these tags and params (values compared as strings), if any."""
         experiments = [e.experiment_id for e in self.client.search_experiments()]
         if not experiments:
             return None
         clauses = ["attributes.status = 'FINISHED'", *(f"tags.`{key}` = '{value}'" for key, value in tags.items()),
-                   *(f"params.`{key}` = '{value}'" for key, value in params.items())]
+                   *(f"params.`{key}` = '{value}'" for key, value in (params or {}).items())]
         runs = self.client.search_runs(experiments, filter_string=" and ".join(clauses),
                                        order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
             return None
-        return RecordedRun(runs[0].info.run_id, dict(runs[0].data.metrics), dict(runs[0].data.tags))
+        return RecordedRun(runs[0].info.run_id, runs[0].info.run_name, dict(runs[0].data.metrics),
+                           dict(runs[0].data.tags))
 
     def sweep_parent(self, sweep_id: str, experiments: Sequence[str] | None = None) -> str | None:
         """The id of sweep ``sweep_id``'s parent run, if it is among ``experiments`` (``None`` = all)."""
