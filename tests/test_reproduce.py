@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
 from metalab.config import experiments_dir
-from metalab.reproduce import Row, markdown, preset_names, reproduce, verdict
+from metalab.reproduce import Row, compose_preset, markdown, preset_names, reproduce, verdict
 from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
 from metalab.train import train
 from tests import fake_datasets
@@ -70,13 +70,16 @@ def test_verdict_on_known_inputs(ours: float, published: float | None, tolerance
 
 
 def test_table_shows_paper_ours_difference_and_verdict() -> None:
-    row = Row("maml_omniglot_5w1s", "Finn et al. 2017, Table 1", 98.7, 0.4, 1.0, ours=96.5, ours_ci95=0.61)
+    row = Row("maml_omniglot_5w1s", "Finn et al. 2017, Table 1", 98.7, 0.4, 1.0, ours=96.5, ours_ci95=0.61,
+              note="max-pooling CNN4")
     table = markdown([row, Row("x", "s", 48.07, 1.75, 2.0, problem="Omniglot's data not found", data_missing=True),
                       Row("curve", "s", None, None, 0.0, ours=0.25, ours_ci95=0.031)])
     assert "| maml_omniglot_5w1s | 98.7 ± 0.4 | 96.5 ± 0.61 | -2.2 | ±1 | below |" in table
     assert "| x | 48.07 ± 1.75 | – | – | ±2 | no data |" in table  # the ± as the paper prints it
     assert "| curve | – | 0.25 ± 0.031 | – | – | no published number |" in table
     assert "- x: Omniglot's data not found" in table
+    protocol = table.split("Where the protocol differs from the paper's:\n")[1]
+    assert protocol == "- maml_omniglot_5w1s: max-pooling CNN4\n"  # only rows with a note
 
 
 def read_run(store: Path, run_id: str):
@@ -89,7 +92,8 @@ def test_smoke_reproduction_on_kanji_end_to_end_and_from_mlflow(tmp_path: Path, 
     [line] = [line for line in result.stdout.splitlines() if line.startswith("| maml_kanji_5w1s |")]
     cells = [cell.strip() for cell in line.strip("|").split("|")]
     ours = float(cells[2].split(" ± ")[0])
-    assert 0 <= ours <= 100 and cells[5] in ("within tolerance", "below", "above", "no published number")
+    spec = compose_preset("maml_kanji_5w1s", []).reproduction
+    assert 0 <= ours <= 100 and cells[5] == verdict(ours, spec.published, spec.tolerance)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                "tags.`metalab.experiment` = 'maml_kanji_5w1s'")

@@ -49,6 +49,7 @@ class Row:
     problem: str | None = None  # why there is no number of ours (the data is missing, the run failed)
     data_missing: bool = False
     curve: list[float] | None = None  # ours after 1, 2, … inner steps, when the preset logs that curve
+    note: str = ""  # where the preset's protocol differs from the paper's
 
     @property
     def difference(self) -> float | None:
@@ -117,7 +118,7 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         args = [args[0], *cfg.reproduction.smoke, *args[1:]]
         cfg = compose_preset(name, args)
     spec = cfg.reproduction
-    row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance)
+    row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance, note=spec.note)
     if not from_mlflow:
         status, error = run_preset(name, args)
         if status:
@@ -173,7 +174,9 @@ def markdown(rows: list[Row]) -> str:
     notes += [f"- {row.name}: after 1…{len(row.curve)} inner steps: " + ", ".join(f"{v:.4g}" for v in row.curve)
               for row in rows if row.curve]
     sources = [f"- {row.name}: {row.source}" for row in rows]
-    return "\n".join([*lines, "", *notes, *([""] if notes else []), "Sources:", *sources]) + "\n"
+    differences = [f"- {row.name}: {row.note}" for row in rows if row.note]
+    protocol = ["", "Where the protocol differs from the paper's:", *differences] if differences else []
+    return "\n".join([*lines, "", *notes, *([""] if notes else []), "Sources:", *sources, *protocol]) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
