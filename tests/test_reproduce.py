@@ -78,6 +78,8 @@ def test_table_shows_paper_ours_difference_and_verdict() -> None:
     assert "| x | 48.07 ± 1.75 | – | – | ±2 | no data |" in table  # the ± as the paper prints it
     assert "| curve | – | 0.25 ± 0.031 | – | – | no published number |" in table
     assert "- x: Omniglot's data not found" in table
+    spread = markdown([Row("anil", "s", 46.7, None, 2.0, published_std_over_runs=0.4)])
+    assert "| anil | 46.7 (std 0.4 over runs) | – | – | ±2 | not run |" in spread  # a spread is no interval
     protocol = table.split("Where the protocol differs from the paper's:\n")[1]
     assert protocol == "- maml_omniglot_5w1s: max-pooling CNN4\n"  # only rows with a note
 

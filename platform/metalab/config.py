@@ -96,7 +96,8 @@ class ReproductionConfig:
 
     source: str = OMEGACONF_MISSING  # authors, venue, table: where the number is printed
     published: float | None = None
-    published_ci95: float | None = None  # the ± printed beside it, if any
+    published_ci95: float | None = None  # the ± printed beside it, when it is a 95% interval over test tasks
+    published_std_over_runs: float | None = None  # the ± printed beside it, when it is a std over runs (seeds)
     tolerance: float = 1.0
     metric: str = "meta_test/post_acc"
     scale: float = 100.0

@@ -50,6 +50,7 @@ class Row:
     data_missing: bool = False
     curve: list[float] | None = None  # ours after 1, 2, … inner steps, when the preset logs that curve
     note: str = ""  # where the preset's protocol differs from the paper's
+    published_std_over_runs: float | None = None  # a published ± that is a spread over runs, not an interval
 
     @property
     def difference(self) -> float | None:
@@ -118,7 +119,8 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         args = [args[0], *cfg.reproduction.smoke, *args[1:]]
         cfg = compose_preset(name, args)
     spec = cfg.reproduction
-    row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance, note=spec.note)
+    row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance, note=spec.note,
+              published_std_over_runs=spec.published_std_over_runs)
     if not from_mlflow:
         status, error = run_preset(name, args)
         if status:
@@ -167,7 +169,10 @@ def markdown(rows: list[Row]) -> str:
     for row in rows:
         difference = "–" if row.difference is None else f"{row.difference:+.3g}"
         tolerance = "–" if row.published is None else f"±{row.tolerance:g}"
-        lines.append(f"| {row.name} | {_number(row.published, row.published_ci95)} | "
+        paper = _number(row.published, row.published_ci95)
+        if row.published_std_over_runs is not None:  # not an interval: say what it is
+            paper += f" (std {row.published_std_over_runs:g} over runs)"
+        lines.append(f"| {row.name} | {paper} | "
                      f"{_number(row.ours, row.ours_ci95)} | {difference} | {tolerance} | {row.verdict} |")
     notes = [f"- {row.name}: judged run {row.run_id} ({row.run_name})" for row in rows if row.run_id]
     notes += [f"- {row.name}: {row.problem}" for row in rows if row.problem]
