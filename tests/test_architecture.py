@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from metalab.algorithms import Context, MetaAlgorithm
-from metalab.algorithms.functional import vectorised_sgd
+from metalab.algorithms.functional import task_local_modules, vectorised_sgd
 from metalab.config import config_dir
 from metalab.learner import MetaLearner
 from metalab.models import MLP
@@ -41,11 +41,14 @@ class OneStepSGD(MetaAlgorithm):
         return self.network
 
     def adapt(self, task, context: Context):
-        weights = dict(self.network.named_parameters())
-        loss = context.loss_fn(functional_call(self.network, weights, (task.support_x,)), task.support_y)
+        # functional_call swaps a module's tensors while it runs: each task (maybe on a worker thread) gets
+        # its own module objects over the shared tensors
+        network = task_local_modules(self.network)
+        weights = dict(network.named_parameters())
+        loss = context.loss_fn(functional_call(network, weights, (task.support_x,)), task.support_y)
         gradients = torch.autograd.grad(loss, list(weights.values()), create_graph=context.training)
         fast = {name: w - self.inner_lr * g for (name, w), g in zip(weights.items(), gradients, strict=True)}
-        return lambda x: functional_call(self.network, fast, (x,))
+        return lambda x: functional_call(network, fast, (x,))
 
     def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context):
         rates = {name: self.inner_lr for name, _ in self.network.named_parameters()}
@@ -54,7 +57,7 @@ class OneStepSGD(MetaAlgorithm):
 
 def test_an_algorithm_written_here_gives_one_meta_gradient_under_every_backend_it_declares() -> None:
     torch.manual_seed(0)
-    model, tasks = MLP(1, (16, 16), 1).double(), double_tasks(5)
+    model, tasks = MLP(1, (16, 16), 1).double(), double_tasks(16)  # enough tasks for threads to overlap
     gradients = {}
     for backend in ("loop", "threads", "vmap"):
         algorithm = OneStepSGD(copy.deepcopy(model))
