@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-all lint ui lock clean
+.PHONY: setup demo test test-slow test-all lint ui lock clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 test: setup
 	$(BIN)/ruff check platform tests scripts benchmarks
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The long end-to-end runs (marked slow); .ci/run runs them after `make test`.
+test-slow: setup
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -121,6 +121,7 @@ def test_protonet_logits_match_hand_computed_prototypes(distance: str) -> None:
     torch.testing.assert_close(logits, expected)
 
 
+@pytest.mark.slow  # 45-95 s each on 2 cores: run by `make test-slow` (.ci/run runs it after `make test`)
 @pytest.mark.parametrize(("algorithm", "overrides"), [
     ("fomaml", ["trainer.max_steps=800", "algorithm.inner_lr=0.02", "algorithm.inner_steps=5",
                 "algorithm.eval_inner_steps=10"]),

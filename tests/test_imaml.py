@@ -155,6 +155,7 @@ def test_imaml_learns_sinusoids(job) -> None:
     assert metrics["meta_test/post_loss"] < 0.5 * metrics["meta_test/pre_loss"], metrics
 
 
+@pytest.mark.slow  # ~55 s on 2 cores: run by `make test-slow` (.ci/run runs it after `make test`)
 def test_imaml_learns_kanji_and_mlflow_records_the_run(job, tmp_path, kanji_cache, one_thread) -> None:
     """The paper's λ = 2 and 5 CG steps (damped as the authors' code), 5 inner steps of 0.1 (inner_lr·λ·steps = 1).
     Fine-tuning the untrained network the same way already reaches ~0.56 (batch norm, 5 steps); the meta-trained

@@ -140,6 +140,7 @@ def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> N
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow  # ~90 s on 2 cores: run by `make test-slow` (.ci/run runs it after `make test`)
 def test_eight_parallel_jobs_on_the_embedded_store_all_record_every_metric(tmp_path: Path) -> None:
     result = run_cli(["-m", "debug=smoke", "seed=0,1,2,3,4,5,6,7", "hydra/launcher=joblib",
                       "hydra.launcher.n_jobs=8", "trainer.log_every_n_steps=1"], cwd=tmp_path)
