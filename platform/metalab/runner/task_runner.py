@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from metalab.algorithms.base import Context, MetaAlgorithm
 from metalab.errors import ConfigError, one_line
@@ -122,7 +121,8 @@ class TaskRunner:
                 raise ConfigError("runner.backend=vmap needs the tasks of a meta-batch in one shape, and this task "
                                   "family draws tasks of varying ways or shots: use runner.backend=loop or threads")
             predictions = algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
-            return predictions.detach(), vmap(context.loss_fn)(predictions, episodes.query_y).mean()
+            # every task has Q queries: the mean over all T·Q queries is the mean of the tasks' mean losses
+            return predictions.detach(), context.loss_fn(predictions.flatten(0, 1), episodes.query_y.flatten(0, 1))
         parameters = algorithm.meta_parameters()
         outcomes = map_tasks(lambda index: algorithm.task_meta_gradient(episodes[index], context), len(episodes),
                              threaded=backend == "threads")
