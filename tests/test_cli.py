@@ -88,6 +88,9 @@ BAD_INPUTS = [
     (["resume=0123456789abcdef0123456789abcdef"], "no MLflow run with that id"),
     (["model=transformer"], "unknown model 'transformer': choose one of cnn4, mlp, resnet12"),
     (["hydra.run.dir=/proc/metalab-out"], "cannot create the output folder /proc/metalab-out"),
+    (["algorithm=maml_schema"], "algorithm=maml_schema is the schema of an option, not an option: choose one of "
+                                "anil, fomaml, imaml, maml, maml_pp, metasgd, protonet, reptile"),
+    (["-m", "task=sinusoid,kanji_schema"], "task=kanji_schema is the schema of an option"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))
@@ -111,6 +114,20 @@ def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
+
+
+def test_help_names_metalab_train_and_lists_options_without_their_schemas(tmp_path: Path) -> None:
+    result = run_cli(["--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("metalab-train: "), result.stdout[:200]
+    groups = dict(line.split(": ", 1) for line in result.stdout.split("== Config groups", 1)[1]
+                  .split("== Config (key=value)")[0].splitlines()[1:] if ": " in line)
+    assert groups["algorithm"].split(", ") == ["anil", "fomaml", "imaml", "maml", "maml_pp", "metasgd", "protonet",
+                                               "reptile"]
+    assert groups["model"] == "cnn4, mlp, resnet12" and groups["tracking"] == "mlflow, none"
+    assert "maml_omniglot_5w1s" in groups["experiment"]
+    assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout
+    assert "inner_lr: 0.01" in result.stdout  # the composed config follows
 
 
 def test_corrupt_data_file_is_one_line_naming_it(tmp_path: Path) -> None:

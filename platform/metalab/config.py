@@ -262,6 +262,7 @@ def register_configs(root: Path | None = None) -> None:
     """Store the top-level schema, one generated schema per option of the object groups, and the paper
     reproductions of ``experiments/`` as options of the ``experiment`` group."""
     root = root or config_dir()
+    OmegaConf.register_new_resolver("metalab_config_groups", config_groups_help, replace=True)
     store = ConfigStore.instance()
     store.store(name="metalab_schema", node=MetalabConfig)
     for preset in sorted(experiments_dir().glob("*.yaml")):
@@ -271,3 +272,31 @@ def register_configs(root: Path | None = None) -> None:
             target = (yaml.safe_load(option.read_text()) or {}).get("_target_")
             if target:
                 store.store(group=group, name=f"{option.stem}_schema", node=schema_for(target))
+
+
+def config_groups_help() -> str:
+    """``metalab-train --help``'s list of groups and their options, without the generated ``*_schema`` entries.
+
+    Hydra's own ``$APP_CONFIG_GROUPS`` lists every config a group holds, schemas included; the help template
+    (``hydra.help`` in ``conf/config.yaml``) calls this resolver instead, over the same config loader.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+
+    def groups(parent: str) -> list[str]:
+        found = []
+        for name in loader.list_groups(parent):
+            group = f"{parent}/{name}" if parent else name
+            if group == "hydra" or group.startswith("hydra/"):
+                continue
+            found += [group] if loader.get_group_options(group) else []
+            found += groups(group)
+        return found
+
+    lines = []
+    for group in sorted(groups("")):
+        options = [option for option in sorted(loader.get_group_options(group)) if not option.endswith("_schema")]
+        if options:
+            lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)

@@ -17,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from metalab.config import config_dir
+from metalab.config import config_dir, experiments_dir
 
 LIST_KEYS_HINT = "`metalab-train --cfg job` prints every key"
 
@@ -29,6 +29,12 @@ def check_overrides(args: list[str]) -> str | None:
     """
     flags = [arg for arg in args if arg.startswith("-")]
     overrides = [arg for arg in args if not arg.startswith("-")]
+    try:
+        schema = schema_choice(overrides)
+    except OverrideParseException as error:
+        return describe(error)
+    if schema:
+        return schema
     if flags:  # Hydra handles --multirun, --cfg, --help ...; a sweep's syntax is still checked here
         if {"-m", "--multirun"} & set(flags):
             try:
@@ -42,6 +48,28 @@ def check_overrides(args: list[str]) -> str | None:
         except Exception as error:  # any composition failure is reported, not raised
             return describe(error)
     return check_writable(Path(str(cfg.hydra.run.dir)))
+
+
+def schema_choice(overrides: list[str]) -> str | None:
+    """Refuse a group's generated schema (``algorithm=maml_schema``) as an option: it is the type of an option,
+    not one (it would run with the schema's defaults under a misleading name)."""
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if "." in override.key_or_group or override.value_type is None:
+            continue  # a key, not a group; or a deletion (~group)
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if isinstance(value, str) and value.endswith("_schema"):
+                group = override.key_or_group
+                options = ", ".join(group_options(group)) or "the files in conf/" + group
+                return (f"{group}={value} is the schema of an option, not an option: choose one of {options} "
+                        f"({group}=<option>)")
+    return None
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group a user may choose (``conf/<group>/*.yaml``, ``experiments/`` presets)."""
+    folder = experiments_dir() if group == "experiment" else config_dir() / group
+    return sorted(path.stem for path in folder.glob("*.yaml"))
 
 
 def check_writable(run_dir: Path) -> str | None:
