@@ -51,15 +51,20 @@ class Row:
     curve: list[float] | None = None  # ours after 1, 2, … inner steps, when the preset logs that curve
     note: str = ""  # where the preset's protocol differs from the paper's
     published_std_over_runs: float | None = None  # a published ± that is a spread over runs, not an interval
+    smoke: bool = False  # a --budget smoke run: it checks the plumbing and is never compared with the paper
 
     @property
     def difference(self) -> float | None:
-        return None if self.ours is None or self.published is None else self.ours - self.published
+        if self.smoke or self.ours is None or self.published is None:
+            return None
+        return self.ours - self.published
 
     @property
     def verdict(self) -> str:
         if self.ours is None:
             return "no data" if self.data_missing else "not run"
+        if self.smoke:  # two meta-iterations say nothing about the paper's number
+            return "plumbing ok"
         return verdict(self.ours, self.published, self.tolerance)
 
 
@@ -120,7 +125,7 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         cfg = compose_preset(name, args)
     spec = cfg.reproduction
     row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance, note=spec.note,
-              published_std_over_runs=spec.published_std_over_runs)
+              published_std_over_runs=spec.published_std_over_runs, smoke=budget == "smoke")
     if not from_mlflow:
         status, error = run_preset(name, args)
         if status:
@@ -163,7 +168,8 @@ def _number(value: float | None, ci95: float | None = None) -> str:
     return f"{value:.4g} ± {ci95:.3g}"
 
 
-def markdown(rows: list[Row]) -> str:
+def markdown(rows: list[Row], problems: bool = True) -> str:
+    """The reproduction table, with the judged runs, ``problems`` (why a row has no number) and sources under it."""
     lines = ["| reproduction | paper | ours (95% CI) | difference | tolerance | verdict |",
              "|---|---|---|---|---|---|"]
     for row in rows:
@@ -175,7 +181,7 @@ def markdown(rows: list[Row]) -> str:
         lines.append(f"| {row.name} | {paper} | "
                      f"{_number(row.ours, row.ours_ci95)} | {difference} | {tolerance} | {row.verdict} |")
     notes = [f"- {row.name}: judged run {row.run_id} ({row.run_name})" for row in rows if row.run_id]
-    notes += [f"- {row.name}: {row.problem}" for row in rows if row.problem]
+    notes += [f"- {row.name}: {row.problem}" for row in rows if row.problem and problems]
     notes += [f"- {row.name}: after 1…{len(row.curve)} inner steps: " + ", ".join(f"{v:.4g}" for v in row.curve)
               for row in rows if row.curve]
     sources = [f"- {row.name}: {row.source}" for row in rows]
@@ -199,7 +205,8 @@ def run(arguments: argparse.Namespace) -> None:
     names = preset_names() if arguments.name == "all" else [arguments.name]
     rows = [reproduce(name, arguments.budget, arguments.overrides, arguments.from_mlflow) for name in names]
     table = markdown(rows)
-    print(f"\n{table}", end="")
+    single_failure = len(rows) == 1 and rows[0].problem  # its reason ends the output as the error line, once
+    print(f"\n{markdown(rows, problems=not single_failure)}", end="")
     if arguments.out:
         arguments.out.write_text(table)
     if len(rows) == 1 and rows[0].problem:
