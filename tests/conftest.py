@@ -60,3 +60,37 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
 def kanji_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One render cache for the session's kanji runs."""
     return str(tmp_path_factory.mktemp("kanji-cache"))
+
+
+# The suite must leave the checkout as it found it: every run, store and report goes to a temporary folder
+# (a user's ./mlruns, ./mlflow.db, outputs/ and multirun/ sit in the same folder and must not gain test runs).
+CHECKOUT = Path(__file__).resolve().parents[1]
+UNTRACKED_BY_DESIGN = {".git", ".venv", ".cache", ".pytest_cache", ".ruff_cache", "__pycache__"}
+
+
+def checkout_files() -> dict[str, tuple[int, int]]:
+    """Every file of the checkout outside the environment and caches, with its size and modification time."""
+    files = {}
+    for folder, subfolders, names in os.walk(CHECKOUT):
+        subfolders[:] = [name for name in subfolders if name not in UNTRACKED_BY_DESIGN]
+        for name in names:
+            path = Path(folder, name)
+            stat = path.lstat()
+            files[str(path.relative_to(CHECKOUT))] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_CHECKOUT_BEFORE] = checkout_files()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before, after = session.config.stash[_CHECKOUT_BEFORE], checkout_files()
+    changed = sorted({path for path in before.keys() | after.keys() if before.get(path) != after.get(path)})
+    if changed:
+        print(f"\nthe tests changed the checkout ({len(changed)} files; they must write to temporary folders):",
+              *changed[:20], sep="\n  ")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+_CHECKOUT_BEFORE = pytest.StashKey[dict[str, tuple[int, int]]]()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from metalab.overrides import split_flags
 from tests.conftest import run_cli
 
 
@@ -138,3 +139,14 @@ def test_corrupt_data_file_is_one_line_naming_it(tmp_path: Path) -> None:
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert f"{tmp_path}/mini-imagenet-cache-train.pkl is not a mini-ImageNet pickle" in lines[0]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(("args", "flags", "overrides"), [
+    (["--cfg", "job", "seed=1"], ["--cfg", "job"], ["seed=1"]),
+    (["seed=1", "-c", "hydra"], ["-c", "hydra"], ["seed=1"]),
+    (["--info", "defaults", "seed=1"], ["--info", "defaults"], ["seed=1"]),
+    (["--info", "seed=1"], ["--info"], ["seed=1"]),
+    (["-m", "seed=0,1"], ["-m"], ["seed=0,1"]),
+])
+def test_flag_values_are_not_taken_for_overrides(args: list[str], flags: list[str], overrides: list[str]) -> None:
+    assert split_flags(args) == (flags, overrides)

@@ -27,8 +27,7 @@ def check_overrides(args: list[str]) -> str | None:
 
     Flags (``--multirun``, ``--cfg``, ``--help`` ...) are Hydra's to handle: such command lines pass.
     """
-    flags = [arg for arg in args if arg.startswith("-")]
-    overrides = [arg for arg in args if not arg.startswith("-")]
+    flags, overrides = split_flags(args)
     try:
         schema = schema_choice(overrides)
     except OverrideParseException as error:
@@ -48,6 +47,30 @@ def check_overrides(args: list[str]) -> str | None:
         except Exception as error:  # any composition failure is reported, not raised
             return describe(error)
     return check_writable(Path(str(cfg.hydra.run.dir)))
+
+
+# Hydra's flags that take a value (``--cfg job``, ``-cn config``); ``--info`` takes one optionally.
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                    "-cd", "--experimental-rerun"}
+INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra's flags (with their values) and the overrides of a command line."""
+    flags: list[str] = []
+    overrides: list[str] = []
+    position = 0
+    while position < len(args):
+        word = args[position]
+        following = args[position + 1] if position + 1 < len(args) else None
+        takes_value = word in FLAGS_WITH_VALUE or (word in ("--info", "-i") and following in INFO_TOPICS)
+        if not word.startswith("-"):
+            overrides.append(word)
+        else:
+            flags += [word, following] if takes_value and following is not None else [word]
+            position += 1 if takes_value else 0
+        position += 1
+    return flags, overrides
 
 
 def schema_choice(overrides: list[str]) -> str | None:
