@@ -1,13 +1,16 @@
 # metalab: `make demo` runs the embedded default (MAML on sinusoids, tracked in ./mlflow.db);
 # `make test` runs the test suite. Both set up `.venv` first; a second `make setup` is a no-op.
+# Paths are the checkout's, so `make -f <checkout>/Makefile demo` from another folder runs there (the tests do).
+ROOT   := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 PYTHON ?= python3
-VENV   := .venv
+VENV   := $(ROOT)/.venv
 BIN    := $(VENV)/bin
-CACHE  := .cache/learn2learn
+CACHE  := $(ROOT)/.cache/learn2learn
 STAMP  := $(VENV)/.metalab-installed
 HOST   ?= 127.0.0.1
 PORT   ?= 5000
 PYTEST_ARGS ?=
+ARGS ?=          # overrides for `make demo`, e.g. ARGS="trainer.max_steps=100"
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -16,31 +19,31 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup: $(STAMP)
 
 # Re-run only when what defines the environment changes.
-$(STAMP): pyproject.toml requirements/lock.txt scripts/build_learn2learn.py
+$(STAMP): $(ROOT)/pyproject.toml $(ROOT)/requirements/lock.txt $(ROOT)/scripts/build_learn2learn.py
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "metalab needs Python 3.11, found %d.%d: run `make PYTHON=python3.11 setup`" % v)'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements/lock.txt
-	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python scripts/build_learn2learn.py $(CACHE))"
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --editable .
+	$(BIN)/python -m pip install --quiet -r $(ROOT)/requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python $(ROOT)/scripts/build_learn2learn.py $(CACHE))"
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --editable $(ROOT)
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/metalab-train
+	$(BIN)/metalab-train $(ARGS)
 
 test: setup
-	$(BIN)/ruff check platform tests scripts benchmarks
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	cd $(ROOT) && $(BIN)/ruff check platform tests scripts benchmarks
+	cd $(ROOT) && $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The long end-to-end runs (marked slow); .ci/run runs them after `make test`.
 test-slow: setup
-	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+	cd $(ROOT) && $(BIN)/pytest -m slow $(PYTEST_ARGS)
 
 test-all: setup
-	$(BIN)/pytest $(PYTEST_ARGS)
+	cd $(ROOT) && $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check platform tests scripts benchmarks
+	cd $(ROOT) && $(BIN)/ruff check platform tests scripts benchmarks
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(HOST) --port $(PORT)
@@ -58,4 +61,4 @@ lock:
 	rm -rf .cache/lock-venv
 
 clean:
-	rm -rf $(VENV) .cache outputs multirun .pytest_cache
+	cd $(ROOT) && rm -rf $(VENV) .cache outputs multirun .pytest_cache

@@ -92,6 +92,7 @@ BAD_INPUTS = [
     (["algorithm=maml_schema"], "algorithm=maml_schema is the schema of an option, not an option: choose one of "
                                 "anil, fomaml, imaml, maml, maml_pp, metasgd, protonet, reptile"),
     (["-m", "task=sinusoid,kanji_schema"], "task=kanji_schema is the schema of an option"),
+    (["-m", "seed=0,1", "--cfg", "job"], "--cfg shows one job and cannot be combined with -m: drop -m"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))

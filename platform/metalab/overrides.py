@@ -34,6 +34,10 @@ def check_overrides(args: list[str]) -> str | None:
         return describe(error)
     if schema:
         return schema
+    shows = {"--cfg", "-c", "--info", "-i"} & set(flags)
+    if shows and {"-m", "--multirun"} & set(flags):  # Hydra would raise a ValueError with a traceback
+        return (f"{sorted(shows)[0]} shows one job and cannot be combined with -m: drop -m and give each key one "
+                "value to see that job's config")
     if flags:  # Hydra handles --multirun, --cfg, --help ...; a sweep's syntax is still checked here
         if {"-m", "--multirun"} & set(flags):
             try:

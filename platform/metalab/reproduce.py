@@ -211,6 +211,8 @@ def run(arguments: argparse.Namespace) -> None:
         arguments.out.write_text(table)
     if len(rows) == 1 and rows[0].problem:
         raise ConfigError(f"{rows[0].name}: {rows[0].problem}")
-    failed = [row.name for row in rows if row.problem and not row.data_missing]
-    if failed:  # presets without their data on this machine are listed, not failures
+    # Presets without their data on this machine, or (--from-mlflow) without a run yet, are listed, not failures.
+    failed = [row.name for row in rows if row.problem and not row.data_missing
+              and not (arguments.from_mlflow and row.run_id is None)]
+    if failed:
         raise ConfigError(f"{len(failed)} reproduction(s) did not finish: {', '.join(failed)} (see above)")
