@@ -1,4 +1,5 @@
-"""The MLflow UI as a user sees it: a real sweep's runs listed in headless Chromium, nested under the parent."""
+"""The MLflow UI as a user sees it: a real sweep's runs listed in headless Chromium, nested under the parent, and
+the page metalab prints opening in the UI's model-training view."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from metalab.tracking.uri import ui_page
 from tests.conftest import BIN, run_cli
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -65,6 +67,7 @@ def test_sweep_runs_are_listed_nested_under_their_parent(server, tmp_path: Path)
     experiment = client.get_experiment_by_name("sweeps")
     runs = client.search_runs([experiment.experiment_id])
     [parent] = [run for run in runs if run.data.tags.get("metalab.sweep_parent") == "true"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     children = sorted(run.info.run_name for run in runs if run is not parent)
 
     options = webdriver.ChromeOptions()
@@ -84,6 +87,11 @@ def test_sweep_runs_are_listed_nested_under_their_parent(server, tmp_path: Path)
         browser.find_element(By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']").click()
         wait.until(lambda _: all(name in body() for name in children))
         browser.save_screenshot(str(tmp_path / "mlflow-ui-sweep.png"))
+        # The page metalab prints: the "Model training" view (its sidebar has the model registry), not the GenAI
+        # one that a fresh browser opens in (its sidebar files runs under "Evaluation runs").
+        browser.get(ui_page(url, experiment.experiment_id))
+        wait.until(lambda _: "Model registry" in body() and parent.info.run_name in body())
+        assert "Evaluation runs" not in body()
     finally:
         browser.quit()
     assert (tmp_path / "mlflow-ui-sweep.png").stat().st_size > 10_000

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import mlflow
 import pytest
 from matplotlib import pyplot as plt
 from mlflow.tracking import MlflowClient
@@ -14,6 +13,7 @@ from pytorch_lightning.loggers import Logger
 
 import metalab
 from metalab.tracking import DEFAULT_TRACKING_URI, MAX_TAG_LENGTH, MLflowRunLogger, report
+from metalab.tracking.client import experiment_id, flush
 from metalab.tracking.logger import ResumedMLFlowLogger
 
 PACKAGE = Path(metalab.__file__).parent
@@ -52,13 +52,13 @@ def figure() -> plt.Figure:
 def test_report_records_tags_figures_and_metrics_on_the_mlflow_run(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/runs.db"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("report")).info.run_id
+    run_id = client.create_run(experiment_id(client, "report")).info.run_id
     logger = MLflowRunLogger(tracking_uri=uri, run_id=run_id, synchronous=False)  # as MLflowTracking.start
     curve = figure()
     report(logger, tags={"metalab.backend": "vmap", "metalab.long": "x" * (MAX_TAG_LENGTH + 10)},
            figures={"inner_loop.png": curve}, metrics={"meta_train/inner_lr": 0.5}, step=7)
     report(logger, metrics={"meta_train/inner_lr": 0.25}, step=9)
-    mlflow.flush_async_logging()
+    flush(client)
     tags = client.get_run(run_id).data.tags
     assert tags["metalab.backend"] == "vmap" and tags["metalab.long"] == "x" * MAX_TAG_LENGTH
     assert [artifact.path for artifact in client.list_artifacts(run_id)] == ["inner_loop.png"]
@@ -70,7 +70,7 @@ def test_report_records_tags_figures_and_metrics_on_the_mlflow_run(tmp_path: Pat
 def test_a_resumed_run_reports_too_but_skips_steps_it_holds(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/runs.db"
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("resumed")).info.run_id
+    run_id = client.create_run(experiment_id(client, "resumed")).info.run_id
     logger = ResumedMLFlowLogger({"loss": 5}, tracking_uri=uri, run_id=run_id)
     report(logger, tags={"metalab.resumed": "yes"}, metrics={"loss": 1.0}, step=5)  # logged before it died
     report(logger, metrics={"loss": 2.0}, step=6)

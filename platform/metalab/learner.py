@@ -16,12 +16,13 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from metalab.algorithms.base import Context, MetaAlgorithm
 from metalab.errors import ConfigError
+from metalab.figures import TEST_EPISODE, episode_grid, shows_images
 from metalab.reliability import DivergenceError
 from metalab.runner import TaskRunner
 from metalab.stats import mean_and_ci95
 from metalab.tasks.base import Problem
-from metalab.tasks.episodes import Episodes
-from metalab.tracking import report
+from metalab.tasks.episodes import Episodes, Task
+from metalab.tracking import records_figures, report
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -151,9 +152,17 @@ class MetaLearner(pl.LightningModule):
 
     def test_step(self, tasks: Episodes, batch_idx: int) -> None:
         with self._evaluation_batch_norm():
-            self._evaluate(tasks)
+            predictions = self._evaluate(tasks)
             if self.test_curve_steps:
                 self._curve(tasks)
+        if batch_idx == 0:
+            self._report_episode(tasks[0], predictions[0])
+
+    def _report_episode(self, task: Task, prediction: Tensor) -> None:
+        """Record the first test episode of an image family with the adapted model's answers (a figure of the
+        run; drawn only where the logger records figures)."""
+        if self.classification and shows_images(task) and records_figures(self.logger):
+            report(self.logger, figures={TEST_EPISODE: episode_grid(task, prediction.argmax(dim=-1))})
 
     @contextmanager
     def _evaluation_batch_norm(self) -> Iterator[None]:
@@ -176,9 +185,9 @@ class MetaLearner(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_summary("meta_test")
 
-    def _evaluate(self, tasks: Episodes) -> None:
+    def _evaluate(self, tasks: Episodes) -> list[Tensor]:
         """Record per-task pre- and post-adaptation query loss (and accuracy) for the epoch summary (batch norm
-        set by :meth:`_evaluation_batch_norm`)."""
+        set by :meth:`_evaluation_batch_norm`); return each task's query predictions after adaptation."""
         context = self.context(training=False)
         with torch.no_grad():
             for task in tasks:
@@ -186,7 +195,7 @@ class MetaLearner(pl.LightningModule):
                 if unadapted is not None:  # None: no "before adaptation" (ProtoNet), so no pre_* metrics
                     before = unadapted(task.query_x)
                     self._record("pre", self.loss_fn(before, task.query_y), before, task.query_y)
-        self._record_adapted(tasks, context)
+        return self._record_adapted(tasks, context)
 
     def _curve(self, tasks: Episodes) -> None:
         """Query loss (and accuracy) after 1, 2, …, ``test_curve_steps`` inner steps: ``post_loss_step<k>``."""
@@ -194,13 +203,14 @@ class MetaLearner(pl.LightningModule):
             context = Context(self.loss_fn, training=False, step=self.global_step, inner_steps=steps)
             self._record_adapted(tasks, context, suffix=f"_step{steps}")
 
-    def _record_adapted(self, tasks: Episodes, context: Context, suffix: str = "") -> None:
-        """Adapt to each task's support set; record its query loss (and accuracy) as ``post_loss<suffix>``."""
+    def _record_adapted(self, tasks: Episodes, context: Context, suffix: str = "") -> list[Tensor]:
+        """Adapt to each task's support set; record its query loss (and accuracy) as ``post_loss<suffix>``;
+        return the query predictions."""
         with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
-            predictions = self.runner.predictions(self.algorithm, tasks, context)
+            predictions = [after.detach() for after in self.runner.predictions(self.algorithm, tasks, context)]
         for after, task in zip(predictions, tasks, strict=True):
-            after = after.detach()
             self._record("post", self.loss_fn(after, task.query_y), after, task.query_y, suffix)
+        return predictions
 
     def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor, suffix: str = "") -> None:
         self._per_task[f"{when}_loss{suffix}"].append(loss)

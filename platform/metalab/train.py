@@ -128,7 +128,7 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> N
         print(f"  {when}-adaptation {label}: {mean:.4f} ± {ci95:.4f}")
     if tracking.run_id:
         print(f"MLflow run id: {tracking.run_id}")
-        print("Open the MLflow UI: make ui  (then http://127.0.0.1:5000)")
+        print(f"Open the MLflow UI: make ui  (then {tracking.ui_page()})")
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")

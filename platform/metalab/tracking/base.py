@@ -46,6 +46,10 @@ class Tracking(ABC):
         """The run a job started in ``output_dir`` before (``resume=auto``), if any."""
         return None
 
+    def ui_page(self) -> str | None:
+        """The address of the open run's page in the MLflow UI, if runs are recorded."""
+        return None
+
     def set_tags(self, tags: dict[str, str]) -> None:  # noqa: B027 (recording nothing is a valid default)
         """Add tags to the open run."""
 

@@ -58,6 +58,11 @@ class ResumedMLFlowLogger(MLflowRunLogger):
             super().log_metrics(fresh, step)
 
 
+def records_figures(logger: Logger | None) -> bool:
+    """Whether :func:`report` stores figures through ``logger`` (so a caller can skip drawing them)."""
+    return isinstance(logger, MLflowRunLogger)
+
+
 def report(logger: Logger | None, tags: Mapping[str, str] | None = None,
            figures: Mapping[str, Figure] | None = None, metrics: Mapping[str, float] | None = None,
            step: int | None = None) -> None:

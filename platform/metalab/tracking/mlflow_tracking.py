@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from hydra.core.hydra_config import HydraConfig
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
@@ -16,13 +15,14 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 from omegaconf import DictConfig, OmegaConf
 
 from metalab.errors import ConfigError, one_line
+from metalab.figures import VALIDATION_CURVE, validation_curve
 from metalab.tracking.base import RunInfo, Tracking
-from metalab.tracking.client import experiment_id, fit_tags, source_tags
+from metalab.tracking.client import experiment_id, fit_tags, flush, source_tags
 from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
 from metalab.tracking.data import log_data
 from metalab.tracking.logger import MLflowRunLogger, ResumedMLFlowLogger
 from metalab.tracking.sweeps import current_sweep
-from metalab.tracking.uri import DEFAULT_TRACKING_URI, require_reachable
+from metalab.tracking.uri import DEFAULT_TRACKING_URI, require_reachable, ui_page
 
 RUN_ID_FILE = "mlflow_run_id"  # written into the job's output folder when its run starts
 SYSTEM_METRICS_TAG = "metalab.system_metrics"  # which system metrics the run records, or why none
@@ -47,7 +47,9 @@ class MLflowTracking(Tracking):
     ``metalab.config_hash``, :mod:`metalab.tracking.config_hash`), the data it used (a dataset input,
     :mod:`metalab.tracking.data`) and MLflow's system metrics (``system/*``: CPU, memory, disk, network, and
     GPU where ``pynvml`` finds one), sampled every ``$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds
-    (MLflow's default: 10).
+    (MLflow's default: 10). When the run ends it draws its ``meta_val/*`` history as
+    ``figures/validation_curve.png`` (:mod:`metalab.figures`). Its experiment is marked as a model-training one
+    and, on a SQLite store, keeps its artifacts in ``mlruns`` beside the database (:func:`~.client.experiment_id`).
 
     Arguments:
         tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI``, else ``DEFAULT_TRACKING_URI``
@@ -62,6 +64,7 @@ class MLflowTracking(Tracking):
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.run_id: str | None = None
+        self.experiment_id: str | None = None  # the open run's
         self._system_metrics: Any = None  # MLflow's SystemMetricsMonitor of the open run, if it runs
 
     @functools.cached_property
@@ -102,7 +105,7 @@ class MLflowTracking(Tracking):
     def resume(self, run_id: str) -> ResumedMLFlowLogger:
         _, checkpoint = self.locate(run_id)
         run = self.client.get_run(run_id)
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "metalab.resumed_from", str(checkpoint))
         # Steps logged after the checkpoint (before the run died) are not logged twice.
@@ -116,6 +119,9 @@ class MLflowTracking(Tracking):
         if not marker.is_file() or not (output_dir / "checkpoints" / "last.ckpt").is_file():
             return None
         return marker.read_text().strip() or None
+
+    def ui_page(self) -> str | None:
+        return ui_page(self.tracking_uri, self.experiment_id, self.run_id) if self.run_id else None
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in fit_tags(tags).items():
@@ -151,7 +157,7 @@ class MLflowTracking(Tracking):
             experiment = experiment_id(self.client, self.experiment_name or experiment_name)
         tags = tags | source_tags() | {f"metalab.{group}": choice for group, choice in choices.items()}
         run = self.client.create_run(experiment, run_name=self.run_name or run_name, tags=fit_tags(tags))
-        self.run_id = run.info.run_id
+        self.run_id, self.experiment_id = run.info.run_id, experiment
 
     def _log_config(self, cfg: DictConfig, info: RunInfo) -> None:
         """Every resolved value as a param; the YAML, the overrides and Hydra's own files as artifacts."""
@@ -166,6 +172,17 @@ class MLflowTracking(Tracking):
         if hydra_dir.is_dir():
             self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
 
+    def _log_validation_curve(self) -> None:
+        """Draw the run's whole ``meta_val/*`` history (a resumed run's earlier validations included) as
+        :data:`~metalab.figures.VALIDATION_CURVE`; nothing if it never validated."""
+        names = [name for name in self.client.get_run(self.run_id).data.metrics if name.startswith("meta_val/")]
+        history = {name.removeprefix("meta_val/"): {metric.step: metric.value for metric in
+                                                    self.client.get_metric_history(self.run_id, name)}
+                   for name in names}
+        figure = validation_curve(history)
+        if figure is not None:
+            self.client.log_figure(self.run_id, figure, VALIDATION_CURVE)
+
     def finish(self, status: str, error: BaseException | None = None) -> None:
         if self.run_id is None:
             if current_sweep() is None:
@@ -178,7 +195,8 @@ class MLflowTracking(Tracking):
         if self._system_metrics is not None:
             self._system_metrics.finish()  # stops the thread and stores its last samples
             self._system_metrics = None
-        mlflow.flush_async_logging()  # every metric logged so far is stored before the status changes
+        flush(self.client)  # every metric logged so far is stored before the status changes
+        self._log_validation_curve()
         if error is not None:
             self.set_tags({"metalab.error": one_line(error)})
         self.client.set_terminated(self.run_id, status)

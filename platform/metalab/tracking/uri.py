@@ -1,4 +1,5 @@
-"""Where runs are stored: the default store, and a check that a store can be used before training starts."""
+"""Where runs are stored (the default store, a check that a store can be used before training starts, where
+artifacts go) and where the MLflow UI shows them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from metalab.errors import ConfigError
 # MLflow's own default since 3.7 (a SQLite file in the working directory); the one spelling of it in
 # the package. conf/tracking/mlflow.yaml repeats it as the fallback of ${oc.env:MLFLOW_TRACKING_URI,...}.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `make ui` serves a local store (the Makefile's HOST and PORT)
 
 
 def default_tracking_uri() -> str:
@@ -31,11 +33,41 @@ def require_reachable(tracking_uri: str, timeout: float = 3.0) -> None:
             problem = str(getattr(error, "reason", error))
         raise ConfigError(f"MLflow tracking server {tracking_uri} does not answer ({problem}): start it, or set "
                           "MLFLOW_TRACKING_URI / tracking.tracking_uri to a reachable store, or use tracking=none")
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve().parent
+    folder = sqlite_folder(tracking_uri)
+    if folder is not None:
         if not folder.is_dir() or not _writable(folder):
             raise ConfigError(f"tracking.tracking_uri={tracking_uri}: folder {folder} does not exist or is not "
                               "writable: choose another path")
+
+
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder holding the database of a ``sqlite:///`` store (absolute); ``None`` for other stores."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve().parent
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where the artifacts of an experiment metalab creates go: ``mlruns`` beside a SQLite store's database;
+    ``None`` (the store's own default) for other stores.
+
+    MLflow's default for a SQLite store is ``./mlruns`` in the working directory of whichever process creates
+    the experiment, so runs tracked to a database elsewhere would scatter artifacts over working directories.
+    """
+    folder = sqlite_folder(tracking_uri)
+    return None if folder is None else str(folder / "mlruns")
+
+
+def ui_page(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment (or of one of its runs), in the UI's model-training view.
+
+    A tracking server serves its own UI; a local store is served by ``make ui``. MLflow 3.17's UI opens in its
+    GenAI view (traces, "Evaluation runs") unless the address asks for ``workflowType=machine_learning`` or the
+    user has switched to "Model training" in the sidebar; the experiment's kind tag does not choose it.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else UI_ADDRESS
+    page = f"{base}/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{page}?workflowType=machine_learning"
 
 
 def _writable(folder: Path) -> bool:
