@@ -9,7 +9,7 @@ runs recorded different data (their dataset inputs' digests, :mod:`metalab.track
 under the table: its runs did not see the same images. Writes
 ``table.md``, ``table.csv``, ``learning_curves.png`` and, where the runs vary ``task.shots``,
 ``accuracy_vs_shots.png`` (error bars: the same interval); with ``--sweep`` they are also logged to the sweep's
-parent run, under ``compare/``.
+parent run, under ``compare/``. ``--sweep last`` compares the newest sweep in the store.
 """
 
 from __future__ import annotations
