@@ -20,6 +20,7 @@ from PIL import Image
 
 from metalab.compare import compare
 from metalab.errors import ConfigError
+from metalab.train import train
 from tests.conftest import BIN, compose_job, run_cli
 
 
@@ -150,6 +151,16 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> No
     report = compare(f"sqlite:///{tmp_path}/mlflow.db", sweep_id="last", out=tmp_path / "report")
     assert report.sweep_id == sweep_id
     assert [step for step, _ in report.curves[("maml", "sinusoid")]] == [4]  # the one validation, at the last step
+
+
+def test_a_trial_without_its_objective_fails_its_run(job, tmp_path: Path) -> None:
+    """No training step, so no validation: a search could not rank the trial, so its run fails and says why."""
+    with pytest.raises(ConfigError, match=r"objective=meta_val/post_loss was not logged by this run \(it logged "
+                                          r"meta_test/post_loss, .*\): set objective= to one of them"):
+        train(job("hparams_search=maml_optuna", "debug=smoke", "trainer.max_steps=0"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "FAILED" and "objective=meta_val/post_loss" in run.data.tags["metalab.error"]
 
 
 def test_a_search_whose_every_trial_fails_closes_its_parent_failed(tmp_path: Path) -> None:
