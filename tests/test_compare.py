@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from metalab.compare import compare
+from metalab.errors import ConfigError
 from metalab.tracking.data import log_data
+from metalab.tracking.sweeps import open_sweep
 
 
 @pytest.fixture
@@ -65,3 +68,26 @@ def test_a_cell_mixing_runs_on_different_data_is_flagged(tmp_path: Path) -> None
 def test_runs_on_one_copy_of_the_data_compare_without_a_warning(three_seeds: str, tmp_path: Path) -> None:
     result = compare(three_seeds, out=tmp_path / "report")
     assert result.warnings == [] and "warning" not in (tmp_path / "report" / "table.md").read_text()
+
+
+def test_a_curve_of_one_validation_is_plotted(three_seeds: str, tmp_path: Path) -> None:
+    """Runs shorter than the validation interval validate once, at their end: one point per curve, still drawn."""
+    result = compare(three_seeds, out=tmp_path / "report")
+    assert result.curves == {("maml", "kanji"): [(5, pytest.approx(0.6))],
+                             ("protonet", "kanji"): [(5, pytest.approx(0.85))]}
+
+
+def test_sweep_last_is_the_newest_sweep(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(ConfigError, match=r"--sweep last: no sweep in sqlite:///.*: start one with metalab-train -m"):
+        compare(uri, sweep_id="last")
+    client = MlflowClient(uri)
+    for name, value in (("older", 0.5), ("newer", 0.7)):
+        sweep = open_sweep(tmp_path / name, uri)
+        run = client.create_run(sweep.experiment_id, tags={"metalab.sweep_id": sweep.sweep_id,
+                                                           "metalab.algorithm": "maml", "metalab.task": "kanji"})
+        client.log_metric(run.info.run_id, "meta_test/post_acc", value)
+        client.set_terminated(run.info.run_id)
+        time.sleep(0.01)  # distinct start times
+    result = compare(uri, sweep_id="last", out=tmp_path / "report")
+    assert result.sweep_id == sweep.sweep_id and result.table["mean"].tolist() == [0.7]

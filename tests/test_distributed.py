@@ -74,3 +74,17 @@ def test_every_process_draws_the_same_meta_batch_and_the_shares_cover_it() -> No
     assert [len(share) for share in shares] == [1, 2, 1, 2]
     assert torch.equal(torch.cat([share.support_x for share in shares]), first.support_x)
     assert torch.equal(torch.cat([share.query_y for share in shares]), first.query_y)
+
+
+def test_the_readme_command_runs_with_the_default_meta_batch(tmp_path: Path) -> None:
+    """`metalab-train hardware=ddp_cpu` as the README gives it, only shorter: 25 tasks per meta-batch over 2
+    processes (13 + 12), validated after its last step."""
+    result = run_cli(["hardware=ddp_cpu", "trainer.max_steps=2", "task.val_tasks=2", "task.test_tasks=4",
+                      f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["metalab.world_size"] == "2"
+    assert run.data.params["task.meta_batch_size"] == "25"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "meta_val/post_loss")][-1] == 1
+    assert "meta_test/post_loss" in run.data.metrics

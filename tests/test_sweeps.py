@@ -20,6 +20,7 @@ from PIL import Image
 
 from metalab.compare import compare
 from metalab.errors import ConfigError
+from metalab.train import train
 from tests.conftest import BIN, compose_job, run_cli
 
 
@@ -118,6 +119,68 @@ def test_optuna_search_records_the_best_trial_on_the_parent(tmp_path: Path) -> N
         float(best.data.params["algorithm.inner_lr"]))
     assert parent.data.params["best.algorithm.inner_steps"] == best.data.params["algorithm.inner_steps"]
     assert len({run.data.params["algorithm.inner_lr"] for run in children}) == 3
+
+
+def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> None:
+    """Three trials of 5 steps (shorter than the interval: only the final validation); inner_lr=1e30 diverges
+    (the sampler, seeded, draws it first, so the search goes on after a failure)."""
+    result = run_cli(["-m", "hparams_search=maml_optuna", "hydra.sweeper.n_trials=3", "debug=smoke",
+                      "trainer.max_steps=5", "algorithm.inner_lr=choice(0.01,1e30)", "algorithm.inner_steps=1",
+                      "runner.backend=loop"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    _client, parent, children = sweep_runs(tmp_path)
+    children.sort(key=lambda run: run.info.start_time)
+    diverging = [float(run.data.params["algorithm.inner_lr"]) == 1e30 for run in children]
+    assert len(children) == 3 and diverging[0] and not all(diverging)
+    assert [run.info.status for run in children] == ["FAILED" if bad else "FINISHED" for bad in diverging]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("metalab: error:")]
+    assert len(errors) == sum(diverging) and all("training diverged" in line for line in errors)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["sweep/jobs_failed"] == sum(diverging)
+    assert parent.data.metrics["sweep/jobs_finished"] == 3 - sum(diverging)
+    finished = [run for run in children if run.info.status == "FINISHED"]
+    assert parent.data.metrics["sweep/best_value"] == pytest.approx(
+        min(run.data.metrics["meta_val/post_loss"] for run in finished))
+
+    sweep_id = parent.data.tags["metalab.sweep_id"]  # printed at the start and at the end, with the command
+    command = f"metalab compare --sweep {sweep_id}"
+    assert result.stdout.startswith(f"sweep {sweep_id}:") and result.stdout.count(command) == 2
+    assert (f"sweep {sweep_id} done: 3 jobs, {3 - sum(diverging)} finished, {sum(diverging)} failed"
+            in result.stdout)
+    report = compare(f"sqlite:///{tmp_path}/mlflow.db", sweep_id="last", out=tmp_path / "report")
+    assert report.sweep_id == sweep_id
+    assert [step for step, _ in report.curves[("maml", "sinusoid")]] == [4]  # the one validation, at the last step
+
+
+def test_a_trial_without_its_objective_fails_its_run(job, tmp_path: Path) -> None:
+    """No training step, so no validation: a search could not rank the trial, so its run fails and says why."""
+    with pytest.raises(ConfigError, match=r"objective=meta_val/post_loss was not logged by this run \(it logged "
+                                          r"meta_test/post_loss, .*\): set objective= to one of them"):
+        train(job("hparams_search=maml_optuna", "debug=smoke", "trainer.max_steps=0"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "FAILED" and "objective=meta_val/post_loss" in run.data.tags["metalab.error"]
+
+
+def test_a_search_whose_every_trial_fails_closes_its_parent_failed(tmp_path: Path) -> None:
+    result = run_cli(["hparams_search=maml_optuna", "hydra.sweeper.n_trials=1", "debug=smoke",
+                      "algorithm.inner_lr=1e30", "runner.backend=loop"], cwd=tmp_path)
+    assert result.returncode == 1  # Optuna has no best trial to report
+    _client, parent, [child] = sweep_runs(tmp_path)
+    assert child.info.status == "FAILED" and parent.info.status == "FAILED"
+    assert parent.data.metrics["sweep/jobs_failed"] == 1
+    assert f"sweep {parent.data.tags['metalab.sweep_id']} stopped before its end (parent run FAILED)" in result.stderr
+
+
+def test_compare_last_from_the_command_line_names_the_sweep(two_by_two: Path) -> None:
+    _, parent, _ = sweep_runs(two_by_two)
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([str(BIN / "metalab"), "compare", "--sweep", "last", "--out", "last"], capture_output=True,
+                          text=True, cwd=two_by_two, env=environment)  # the default store: ./mlflow.db
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"sweep {parent.data.tags['metalab.sweep_id']} (the newest)\n")
+    assert (two_by_two / "last" / "learning_curves.png").is_file()
 
 
 def test_slurm_hardware_builds_the_sbatch_submission(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ runs recorded different data (their dataset inputs' digests, :mod:`metalab.track
 under the table: its runs did not see the same images. Writes
 ``table.md``, ``table.csv``, ``learning_curves.png`` and, where the runs vary ``task.shots``,
 ``accuracy_vs_shots.png`` (error bars: the same interval); with ``--sweep`` they are also logged to the sweep's
-parent run, under ``compare/``.
+parent run, under ``compare/``. ``--sweep last`` compares the newest sweep in the store.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ from metalab.tracking.uri import DEFAULT_TRACKING_URI
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 
+Curves = dict[tuple[str, str], list[tuple[int, float]]]  # (row, column) → (step, mean across seeds) plotted
+FEW_POINTS = 20  # a curve of at most this many validations marks each
+
 
 @dataclass
 class Comparison:
@@ -39,13 +42,18 @@ class Comparison:
     metric: str
     files: list[Path]
     warnings: list[str]  # e.g. cells mixing runs on different data
+    curves: Curves  # what learning_curves.png shows
+    sweep_id: str | None = None  # the sweep compared ("last" resolved)
 
 
 def compare(tracking_uri: str | None = None, experiments: list[str] | None = None, sweep_id: str | None = None,
             tags: dict[str, str] | None = None, metric: str | None = None, rows: str = "algorithm",
             columns: str = "task", out: Path | None = None) -> Comparison:
-    """Compare finished runs; see the module docstring. Raises ConfigError with one line for bad input."""
+    """Compare finished runs; see the module docstring. ``sweep_id="last"``: the newest sweep in the store.
+    Raises ConfigError with one line for bad input."""
     store = RunStore(tracking_uri)
+    if sweep_id == "last":
+        sweep_id = store.latest_sweep(experiments)
     runs = store.finished_runs(experiments, ({"metalab.sweep_id": sweep_id} if sweep_id else {}) | (tags or {}))
     metric = metric or ("meta_test/post_acc" if "metrics.meta_test/post_acc" in runs else "meta_test/post_loss")
     if f"metrics.{metric}" not in runs or runs[f"metrics.{metric}"].isna().all():
@@ -57,15 +65,15 @@ def compare(tracking_uri: str | None = None, experiments: list[str] | None = Non
     warnings = mixed_data(runs.assign(_data=runs["run_id"].map(store.data_digests(list(runs["run_id"])))))
     out = out or Path("reports") / (sweep_id or "compare")
     out.mkdir(parents=True, exist_ok=True)
+    curves = plot_learning_curves(store, runs, metric, out / "learning_curves.png")
     files = [write_markdown(table, metric, rows, columns, out / "table.md", warnings),
-             write_csv(table, out / "table.csv"),
-             plot_learning_curves(store, runs, metric, out / "learning_curves.png")]
+             write_csv(table, out / "table.csv"), out / "learning_curves.png"]
     if "params.task.shots" in runs and runs["params.task.shots"].nunique() > 1:
         files.append(plot_versus_shots(runs, metric, out / "accuracy_vs_shots.png"))
     parent = store.sweep_parent(sweep_id, experiments) if sweep_id else None
     if parent:
         store.annotate(parent, files=files, folder="compare")
-    return Comparison(table, metric, files, warnings)
+    return Comparison(table, metric, files, warnings, curves, sweep_id)
 
 
 def key_values(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -120,11 +128,13 @@ def write_csv(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def plot_learning_curves(store: RunStore, runs: pd.DataFrame, metric: str, path: Path) -> Path:
-    """The validation curve of the metric (``meta_val/...``) against step, mean ± std across seeds."""
+def plot_learning_curves(store: RunStore, runs: pd.DataFrame, metric: str, path: Path) -> Curves:
+    """The validation curve of the metric (``meta_val/...``) against step, mean ± std across seeds, one panel
+    per column; returns what it plotted. Curves of few validations get markers: one point is no line."""
     curve = metric.replace("meta_test/", "meta_val/")
     columns = sorted(runs["_column"].unique())
     figure, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 3.6), squeeze=False)
+    plotted: Curves = {}
     for axis, column in zip(axes[0], columns, strict=True):
         for row, group in runs[runs["_column"] == column].groupby("_row"):
             histories = [store.metric_history(run_id, curve) for run_id in group["run_id"]]
@@ -133,14 +143,18 @@ def plot_learning_curves(store: RunStore, runs: pd.DataFrame, metric: str, path:
                 continue
             values = np.array([[h.get(step, np.nan) for step in steps] for h in histories])
             mean, spread = np.nanmean(values, 0), np.nan_to_num(np.nanstd(values, 0))
-            axis.plot(steps, mean, label=str(row))
+            axis.plot(steps, mean, label=str(row), marker="o" if len(steps) <= FEW_POINTS else None)
             axis.fill_between(steps, mean - spread, mean + spread, alpha=0.2)
+            plotted[(str(row), str(column))] = list(zip(steps, mean.tolist(), strict=True))
         axis.set(title=str(column), xlabel="meta-iteration", ylabel=curve)
-        axis.legend(fontsize="small")
+        if axis.lines:
+            axis.legend(fontsize="small")
+        else:
+            axis.text(0.5, 0.5, f"no run logged {curve}", ha="center", va="center", transform=axis.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return path
+    return plotted
 
 
 def plot_versus_shots(runs: pd.DataFrame, metric: str, path: Path) -> Path:
@@ -161,7 +175,8 @@ def plot_versus_shots(runs: pd.DataFrame, metric: str, path: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help=f"default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI}")
     parser.add_argument("--experiment", action="append", dest="experiments", help="repeatable; default: all")
-    parser.add_argument("--sweep", dest="sweep_id", help="a sweep id (tag metalab.sweep_id)")
+    parser.add_argument("--sweep", dest="sweep_id",
+                        help="a sweep id (tag metalab.sweep_id; a multirun prints it), or 'last': the newest sweep")
     parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE, repeatable")
     parser.add_argument("--metric", help="default: meta_test/post_acc if logged, else meta_test/post_loss")
     parser.add_argument("--rows", default="algorithm")
@@ -175,5 +190,7 @@ def run(arguments: argparse.Namespace) -> None:
         raise ConfigError("--tag takes KEY=VALUE")
     result = compare(arguments.tracking_uri, arguments.experiments, arguments.sweep_id, tags, arguments.metric,
                      arguments.rows, arguments.columns, arguments.out)
+    if arguments.sweep_id == "last":
+        print(f"sweep {result.sweep_id} (the newest)")
     print(result.files[0].read_text())
     print("wrote " + ", ".join(str(file) for file in result.files))

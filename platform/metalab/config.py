@@ -54,7 +54,7 @@ class TrainerConfig:
     _target_: str = "pytorch_lightning.Trainer"
     max_steps: int = OMEGACONF_MISSING
     max_time: str | None = None  # a wall-clock budget "DD:HH:MM:SS"; training stops at it or max_steps, then tests
-    val_check_interval: int = OMEGACONF_MISSING
+    val_check_interval: int | None = None  # None: max_steps/5, at most 1000 (metalab.validation); and at the end
     log_every_n_steps: int = OMEGACONF_MISSING
     num_sanity_val_steps: int = OMEGACONF_MISSING
     enable_progress_bar: bool = OMEGACONF_MISSING

@@ -2,25 +2,78 @@
 
 A Hydra callback (``hydra.callbacks.mlflow_sweep`` in ``conf/config.yaml``) opens the parent run when
 the multirun starts (:func:`metalab.tracking.sweeps.open_sweep`, which tells each job, in whatever process
-or machine the launcher runs it, where its parent is). When the multirun ends the callback counts finished
-and failed jobs on the parent, and records the best trial of an Optuna search (Hydra's
-``optimization_results.yaml``).
+or machine the launcher runs it, where its parent is) and prints the sweep's id with the command that
+compares its runs. When the multirun ends the callback counts finished and failed jobs on the parent,
+records the best trial of an Optuna search (Hydra's ``optimization_results.yaml``) and closes the parent
+FINISHED; if the sweep itself dies first (Hydra calls no callback then), the parent is closed FAILED at exit.
+
+A failed job of a search (:func:`searching`) is a failed trial: :func:`job_failed` raises, as Optuna expects
+of an objective that fails, and the search goes on (``hydra.sweeper.max_failure_rate``).
 """
 
 from __future__ import annotations
 
+import atexit
+import math
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from metalab.errors import ConfigError, one_line
 from metalab.tracking.sweeps import Sweep, close_sweep, open_sweep
+from metalab.tracking.uri import default_tracking_uri
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+class TrialFailed(RuntimeError):
+    """A job of a search failed or gave no objective: its sweeper records a failed trial."""
+
+
+def searching() -> bool:
+    """Whether this job is a trial of a search: a multirun whose sweeper reads the jobs' returns (Optuna,
+    any sweeper but Hydra's basic one)."""
+    if not HydraConfig.initialized():
+        return False
+    hydra = HydraConfig.get()
+    return hydra.mode == RunMode.MULTIRUN and hydra.sweeper.get("_target_", BASIC_SWEEPER) != BASIC_SWEEPER
+
+
+def job_failed(error: BaseException) -> float:
+    """What a multirun's job returns once it failed (its run FAILED, its error printed): a search's sweeper
+    records a job that raises as a failed trial and goes on; Hydra's basic sweeper would stop at it, so it
+    gets NaN, which it ignores."""
+    if searching():
+        raise TrialFailed(one_line(error)) from None
+    return float("nan")
+
+
+def check_objective(objective: str, metrics: Mapping[str, float]) -> None:
+    """In a search, a run whose objective is missing or not finite fails: the sweeper cannot rank it."""
+    if not searching():
+        return
+    if objective not in metrics:
+        raise ConfigError(f"objective={objective} was not logged by this run (it logged "
+                          f"{', '.join(sorted(metrics))}): set objective= to one of them")
+    if not math.isfinite(metrics[objective]):
+        raise TrialFailed(f"objective {objective} is {metrics[objective]}: the trial cannot be ranked")
 
 
 def _tracked(config: DictConfig) -> bool:
     return str(config.get("tracking", {}).get("_target_", "")).endswith("MLflowTracking")
+
+
+def compare_command(sweep: Sweep) -> str:
+    """The exact ``metalab compare`` command for ``sweep``'s runs."""
+    store = "" if sweep.tracking_uri == default_tracking_uri() else f" --tracking-uri {sweep.tracking_uri}"
+    return f"metalab compare --sweep {sweep.sweep_id}{store}"
 
 
 class MLflowSweepCallback(Callback):
@@ -29,18 +82,37 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracked(config):
             return
-        open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri, config.tracking.experiment_name,
-                   tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
-                         "metalab.sweeper": str(config.hydra.sweeper._target_)})
+        sweep = open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri,
+                           config.tracking.experiment_name,
+                           tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
+                                 "metalab.sweeper": str(config.hydra.sweeper._target_)})
+        atexit.register(_close_abandoned, sweep)
+        print(f"sweep {sweep.sweep_id}: its runs nest under one MLflow parent run; compare them with: "
+              f"{compare_command(sweep)}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir)
         sweep = Sweep.read(folder) if _tracked(config) else None
         if sweep is None:
             return
+        atexit.unregister(_close_abandoned)
         results = folder / "optimization_results.yaml"
-        if not results.exists():  # written by the Optuna sweeper only
-            close_sweep(sweep)
-            return
-        best = yaml.safe_load(results.read_text())
-        close_sweep(sweep, best.get("best_params"), best.get("best_value"), files=[results])
+        if results.exists():  # written by the Optuna sweeper only
+            best = yaml.safe_load(results.read_text())
+            counts = close_sweep(sweep, best.get("best_params"), best.get("best_value"), files=[results])
+        else:
+            counts = close_sweep(sweep)
+        print(f"sweep {sweep.sweep_id} done: {counts['sweep/jobs']} jobs, {counts['sweep/jobs_finished']} finished, "
+              f"{counts['sweep/jobs_failed']} failed; compare them with: {compare_command(sweep)}", flush=True)
+
+
+def _close_abandoned(sweep: Sweep) -> None:
+    """At exit of a multirun that ended without ``on_multirun_end`` (the sweeper raised, Ctrl-C): parent FAILED."""
+    try:
+        counts = close_sweep(sweep, status="FAILED")
+    except Exception as error:  # at exit: one line, not a traceback over Hydra's report
+        print(f"metalab: error: sweep {sweep.sweep_id}'s parent run could not be closed: {one_line(error)}",
+              file=sys.stderr)
+        return
+    print(f"sweep {sweep.sweep_id} stopped before its end (parent run FAILED): {counts['sweep/jobs']} jobs, "
+          f"{counts['sweep/jobs_finished']} finished, {counts['sweep/jobs_failed']} failed", file=sys.stderr)

@@ -24,8 +24,10 @@ from metalab.config import config_dir, register_configs
 from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, DataMissingError, one_line
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
+from metalab.sweep import check_objective, job_failed
 from metalab.tasks.base import TaskFamily
 from metalab.tracking.base import RunInfo, Tracking
+from metalab.validation import ValidateAtEnd, val_check_interval
 
 register_configs()
 quiet_lightning()
@@ -60,6 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
                    if name.startswith("meta_val/")}  # the last validation: what sweeps optimise
         metrics |= trainer.test(learner, datamodule=task, verbose=False)[0]
+        check_objective(cfg.objective, metrics)  # a search's trial without one fails
     except BaseException as error:
         # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
         interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
@@ -99,8 +102,10 @@ def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     resumed run's own folder); the logger comes later."""
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
-    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    callbacks = [*(instantiate(callback) for callback in cfg.callbacks.values()), ValidateAtEnd()]
+    interval = val_check_interval(cfg.trainer.max_steps, cfg.trainer.val_check_interval)  # null: scaled to max_steps
     return instantiate(cfg.trainer, **cfg.hardware, callbacks=callbacks, logger=False, default_root_dir=output_dir,
+                       val_check_interval=interval,
                        inference_mode=False,  # validation/test adapt with gradients
                        use_distributed_sampler=False,  # every process evaluates every task: exact CIs
                        check_val_every_n_epoch=None)  # training tasks are an endless stream
@@ -141,7 +146,7 @@ def main(cfg: DictConfig) -> float:
             raise
         print(f"metalab: error: {one_line(error)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            return float("nan")  # one failed job (its run FAILED) does not stop the sweep
+            return job_failed(error)  # one failed job (its run FAILED) does not stop the sweep
         raise SystemExit(DATA_MISSING_EXIT_CODE if isinstance(error, DataMissingError) else 1) from None
     return metrics.get(cfg.objective, float("nan"))
 

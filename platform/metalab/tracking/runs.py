@@ -97,6 +97,15 @@ class RunStore:
                                           "tags.`metalab.sweep_parent` = 'true'", max_results=1)
         return parents[0].info.run_id if parents else None
 
+    def latest_sweep(self, experiments: Sequence[str] | None = None) -> str:
+        """The id of the newest sweep (by its parent run's start) among ``experiments`` (``None`` = all)."""
+        parents = self.client.search_runs(self.experiment_ids(experiments), "tags.`metalab.sweep_parent` = 'true'",
+                                          order_by=["attributes.start_time DESC"], max_results=1)
+        if not parents:
+            raise ConfigError(f"--sweep last: no sweep in {self.tracking_uri}: start one with metalab-train -m ... "
+                              "(or pass --tracking-uri of the store it used)")
+        return parents[0].data.tags["metalab.sweep_id"]
+
     def annotate(self, run_id: str, tags: Mapping[str, str] | None = None, texts: Mapping[str, str] | None = None,
                  files: Sequence[Path] = (), folder: str | None = None) -> None:
         """Add to a finished run: ``tags`` (values cut to ``MAX_TAG_LENGTH``), ``texts`` (artifact file → content)

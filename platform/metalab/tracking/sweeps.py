@@ -65,9 +65,10 @@ def open_sweep(folder: Path, tracking_uri: str, experiment_name: str | None = No
 
 
 def close_sweep(sweep: Sweep, best_params: Mapping[str, Any] | None = None, best_value: float | None = None,
-                files: Sequence[Path] = ()) -> dict[str, int]:
+                files: Sequence[Path] = (), status: str = "FINISHED") -> dict[str, int]:
     """Count the jobs' end states on the parent run (``sweep/jobs*``), record the best trial of a search
-    (params ``best.<key>``, metric ``sweep/best_value``) and ``files``, and close the parent; return the counts."""
+    (params ``best.<key>``, metric ``sweep/best_value``) and ``files``, and close the parent with ``status``
+    (``FAILED``: the sweep itself stopped early); return the counts."""
     client = MlflowClient(sweep.tracking_uri)
     runs = client.search_runs([sweep.experiment_id], f"tags.`metalab.sweep_id` = '{sweep.sweep_id}'",
                               max_results=10_000)
@@ -82,5 +83,5 @@ def close_sweep(sweep: Sweep, best_params: Mapping[str, Any] | None = None, best
     client.log_batch(sweep.parent_run_id, metrics=metrics, params=params)
     for file in files:
         client.log_artifact(sweep.parent_run_id, str(file))
-    client.set_terminated(sweep.parent_run_id, "FINISHED")
+    client.set_terminated(sweep.parent_run_id, status)
     return counts
