@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from metalab.compare import compare
 from metalab.errors import ConfigError
+from metalab.tracking.client import experiment_id
 from metalab.tracking.data import log_data
 from metalab.tracking.sweeps import open_sweep
 
@@ -20,7 +21,7 @@ def three_seeds(tmp_path: Path) -> str:
     """Finished runs as training logs them: maml (3 seeds, accuracies 0.5, 0.6, 0.7) and protonet (2 seeds)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("kanji")
+    experiment = experiment_id(client, "kanji")  # artifacts beside the store
     for algorithm, values in {"maml": [0.5, 0.6, 0.7], "protonet": [0.8, 0.9]}.items():
         for seed, value in enumerate(values):
             run = client.create_run(experiment, tags={"metalab.algorithm": algorithm, "metalab.task": "kanji"})
@@ -47,7 +48,7 @@ def test_a_cell_mixing_runs_on_different_data_is_flagged(tmp_path: Path) -> None
     """Two kanji copies in the maml cell (digests differ), one in the protonet cell: one warning, under the table."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    experiment = client.create_experiment("kanji")
+    experiment = experiment_id(client, "kanji")  # artifacts beside the store
     for algorithm, digests in {"maml": ["aaaa000011112222", "bbbb000011112222"],
                                "protonet": ["aaaa000011112222", "aaaa000011112222"]}.items():
         for seed, digest in enumerate(digests):
