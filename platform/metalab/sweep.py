@@ -16,7 +16,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from metalab.tracking.sweeps import Sweep, close_sweep, open_sweep
+from metalab.tracking.sweeps import Sweep, close_sweep, open_sweep, swept_keys
 
 
 def _tracked(config: DictConfig) -> bool:
@@ -31,7 +31,8 @@ class MLflowSweepCallback(Callback):
             return
         open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri, config.tracking.experiment_name,
                    tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
-                         "metalab.sweeper": str(config.hydra.sweeper._target_)})
+                         "metalab.sweeper": str(config.hydra.sweeper._target_)},
+                   swept=swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params") or {}))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir)
@@ -44,3 +45,16 @@ class MLflowSweepCallback(Callback):
             return
         best = yaml.safe_load(results.read_text())
         close_sweep(sweep, best.get("best_params"), best.get("best_value"), files=[results])
+
+
+class PlainOptunaLogs(Callback):
+    """Optuna logs through its own colorlog handler, colour codes and all, even into redirected output and log
+    files. In an Optuna search its lines go through Python's logging instead: Hydra's handlers, plain text."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" not in str(config.hydra.sweeper.get("_target_", "")):
+            return  # `import optuna` only where it is the sweeper
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
