@@ -28,6 +28,7 @@ def silence_gym_banner() -> None:
 _LIGHTNING_CHATTER = (
     "💡 Tip:",  # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger") on every Trainer
     "GPU available:", "TPU available:",  # train.py's header names the device the run uses
+    "LOCAL_RANK: ",  # "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]", likewise (the header names the GPU)
     "`Trainer.fit` stopped: `max_steps=",  # the progress bar shows k/k meta-iterations
 )
 
@@ -47,7 +48,8 @@ def quiet_lightning() -> None:
     """
     from lightning_fabric.utilities.warnings import PossibleUserWarning  # here: `import metalab` stays light
 
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda"):
         logging.getLogger(name).addFilter(_DropLightningChatter())
     # MLflow announces creating/upgrading a fresh SQLite store at INFO; its warnings and errors still show.
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):

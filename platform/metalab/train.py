@@ -146,13 +146,13 @@ def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking:
 
 
 def device(trainer: pl.Trainer) -> str:
-    """``cpu``, ``cuda (NVIDIA H100 80GB HBM3)``, ``2 processes on cpu`` ... and a hint where a GPU sits idle."""
+    """``cpu``, ``cuda (NVIDIA H100 80GB HBM3)``, ``cpu, 2 processes`` ... and a hint where a GPU sits idle."""
     kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
     if kind == "cuda":
         kind += f" ({torch.cuda.get_device_name(trainer.strategy.root_device)})"
     elif torch.cuda.is_available():  # said here instead of Lightning's "GPU available but not used" warning
         kind += " (a CUDA GPU is visible: hardware=gpu uses it)"
-    return kind if trainer.world_size == 1 else f"{trainer.world_size} processes on {kind}"
+    return kind if trainer.world_size == 1 else f"{kind}, {trainer.world_size} processes"
 
 
 def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, backend: str | None = None) -> None:
