@@ -53,7 +53,7 @@ class MLflowTracking(Tracking):
         tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI``, else ``DEFAULT_TRACKING_URI``
             (``metalab.tracking.uri``).
         experiment_name: ``None`` = the task family's name, so runs compare across algorithms by design.
-        run_name: ``None`` = ``<algorithm>-<task>-<time>``.
+        run_name: ``None`` = ``<algorithm>-<task>-<time>``, in a sweep ``<algorithm>-<task>-<swept values>-#<job>``.
     """
 
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str | None = None,
