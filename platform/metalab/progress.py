@@ -28,7 +28,7 @@ VALIDATION_METRICS = ("meta_val/post_acc", "meta_val/post_loss")  # the first on
 
 
 class MetaProgressBar(RichProgressBar):
-    """``meta-train ━━━━━━ 1200/5000 0:00:07 • 0:00:22 170.12it/s train loss: 0.512 val post_loss: 0.4301``.
+    """``meta-train ━━━━━━ 1200/5000 0:00:07 • 0:00:22 170.1it/s train loss: 0.512 val post_loss: 0.4301``.
 
     The metrics are the values MLflow records: the train loss every ``trainer.log_every_n_steps``, the
     validation's every ``trainer.val_check_interval`` (absent until they are first logged).
@@ -63,7 +63,7 @@ class MetaProgressBar(RichProgressBar):
         return max_steps if max_steps > 0 else math.inf
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return f"{'meta-train':{len(self.validation_description)}}"
+        return "meta-train"  # one endless epoch: its number says nothing
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -82,7 +82,7 @@ class MetaProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         logged = trainer.callback_metrics
-        shown = {}
+        shown: dict[str, Any] = {}
         if TRAIN_LOSS in logged:
             shown["train loss"] = logged[TRAIN_LOSS].item()
         for name in VALIDATION_METRICS:

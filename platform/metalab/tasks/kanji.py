@@ -200,7 +200,7 @@ class KanjiHandwriting(ImageClassFamily):
         # Once per setting (~25 s for all 1,623 classes); on a terminal only: a captured run keeps its one-line
         # errors, and a log file no stream of carriage returns.
         progress = tqdm(total=sum(map(len, splits.values())), desc=f"rendering kanji once into {cache.parent}",
-                        unit="class", disable=None, leave=False)
+                        unit="class", disable=None)
         for split, members in splits.items():
             images = np.empty((len(members) * self.drawers, 1, self.image_size, self.image_size), np.uint8)
             for c, glyph in enumerate(members):
