@@ -73,8 +73,8 @@ class MLflowTracking(Tracking):
         require_reachable(self.tracking_uri)
 
     def describe(self) -> str:
-        """``sqlite:///mlflow.db, experiment sinusoid, run maml-sinusoid-20260101-120000``: read back from the
-        store, so a resumed run or a sweep's job (experiment ``sweeps``) says where it really is."""
+        """``<tracking URI>, experiment sinusoid, run maml-sinusoid-20260101-120000``: read back from the store,
+        so a resumed run or a sweep's job (experiment ``sweeps``) says where it really is."""
         run = self.client.get_run(self.run_id)
         experiment = self.client.get_experiment(run.info.experiment_id).name
         return f"{self.tracking_uri}, experiment {experiment}, run {run.info.run_name}"
