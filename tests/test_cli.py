@@ -42,7 +42,7 @@ def test_python_module_entry_point_and_env_tracking_uri(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("uri", "problem"), [
-    ("sqlite:////nonexistent-dir/x.db", "folder /nonexistent-dir does not exist or is not writable"),
+    ("sqlite:///{tmp}/missing/x.db", "folder {tmp}/missing does not exist or is not writable"),
     ("sqlite:///{tmp}/a-file/x.db", "folder {tmp}/a-file does not exist or is not writable"),
     ("nonsense://x", "MLflow has no tracking store for this URI"),
 ], ids=["missing folder", "file as folder", "unknown scheme"])
@@ -55,6 +55,16 @@ def test_unusable_env_tracking_uri_is_one_line_naming_the_variable(tmp_path: Pat
     assert lines[0].startswith(f"metalab: error: MLFLOW_TRACKING_URI={uri}: {problem}: set MLFLOW_TRACKING_URI to ")
     assert "or unset it" in lines[0] and "tracking.tracking_uri" not in lines[0]  # the user never typed that key
     assert not (tmp_path / "mlflow.db").exists()
+
+
+
+def test_unusable_env_tracking_uri_stops_a_sweep_before_its_jobs(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/missing/x.db"
+    result = run_cli(["-m", "debug=smoke", "seed=0,1"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"metalab: error: MLFLOW_TRACKING_URI={uri}: folder {tmp_path}/missing does not")
+    assert "Launching" not in result.stdout and not (tmp_path / "missing").exists()  # no job ran, nothing created
 
 
 BAD_INPUTS = [

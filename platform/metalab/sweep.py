@@ -9,6 +9,7 @@ and failed jobs on the parent, and records the best trial of an Optuna search (H
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from metalab.errors import ConfigError
 from metalab.tracking.sweeps import Sweep, close_sweep, open_sweep, swept_keys
 
 
@@ -29,10 +31,14 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracked(config):
             return
-        open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri, config.tracking.experiment_name,
-                   tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
-                         "metalab.sweeper": str(config.hydra.sweeper._target_)},
-                   swept=swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params") or {}))
+        try:
+            open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri, config.tracking.experiment_name,
+                       tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
+                             "metalab.sweeper": str(config.hydra.sweeper._target_)},
+                       swept=swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params") or {}))
+        except ConfigError as error:  # Hydra would make it a warning and run every job into the same error
+            print(f"metalab: error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir)

@@ -24,6 +24,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from metalab.tracking.client import experiment_id, fit_tags, source_tags
+from metalab.tracking.uri import require_reachable
 
 SWEEP_FILE = "metalab_sweep.json"
 DEFAULT_EXPERIMENT = "sweeps"
@@ -83,6 +84,7 @@ def open_sweep(folder: Path, tracking_uri: str, experiment_name: str | None = No
                tags: Mapping[str, str] | None = None, swept: Sequence[str] = ()) -> Sweep:
     """Create the parent run in ``experiment_name`` (default :data:`DEFAULT_EXPERIMENT`) and write
     :data:`SWEEP_FILE` into ``folder`` so that the jobs find it."""
+    require_reachable(tracking_uri)  # before MLflow creates a missing folder or fails on an unknown scheme
     client = MlflowClient(tracking_uri)
     experiment = experiment_id(client, experiment_name or DEFAULT_EXPERIMENT)
     sweep_id = f"sweep-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
