@@ -41,8 +41,35 @@ def test_python_module_entry_point_and_env_tracking_uri(tmp_path: Path) -> None:
     assert run.info.run_name.startswith("fomaml-sinusoid-")
 
 
+
+@pytest.mark.parametrize(("uri", "problem"), [
+    ("sqlite:///{tmp}/missing/x.db", "folder {tmp}/missing does not exist or is not writable"),
+    ("sqlite:///{tmp}/a-file/x.db", "folder {tmp}/a-file does not exist or is not writable"),
+    ("nonsense://x", "MLflow has no tracking store for this URI"),
+], ids=["missing folder", "file as folder", "unknown scheme"])
+def test_unusable_env_tracking_uri_is_one_line_naming_the_variable(tmp_path: Path, uri: str, problem: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    uri, problem = uri.format(tmp=tmp_path), problem.format(tmp=tmp_path)
+    result = run_cli(["debug=smoke"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"metalab: error: MLFLOW_TRACKING_URI={uri}: {problem}: set MLFLOW_TRACKING_URI to ")
+    assert "or unset it" in lines[0] and "tracking.tracking_uri" not in lines[0]  # the user never typed that key
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+
+def test_unusable_env_tracking_uri_stops_a_sweep_before_its_jobs(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/missing/x.db"
+    result = run_cli(["-m", "debug=smoke", "seed=0,1"], cwd=tmp_path, env={"MLFLOW_TRACKING_URI": uri})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"metalab: error: MLFLOW_TRACKING_URI={uri}: folder {tmp_path}/missing does not")
+    assert "Launching" not in result.stdout and not (tmp_path / "missing").exists()  # no job ran, nothing created
+
+
 BAD_INPUTS = [
-    (["algorithm.inner_lrr=0.1"], "unknown config key 'algorithm.inner_lrr': did you mean 'inner_lr'?"),
+    (["algorithm.inner_lrr=0.1"], "unknown config key 'algorithm.inner_lrr': did you mean 'algorithm.inner_lr'?"),
     (["trainer.max_step=3"], "'trainer.max_step'"),
     (["algorithm.inner_lr=abc"], "bad value for 'algorithm.inner_lr'"),
     (["task.shots=1.5"], "bad value for 'task.shots'"),

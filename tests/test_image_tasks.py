@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -83,6 +85,22 @@ def test_kanji_drawers_vary_reproducibly_and_render_is_cached(kanji_cache: str) 
     assert {path: path.stat().st_mtime_ns for path in Path(kanji_cache).glob("kanji-*.npz")} == caches
     still = kanji(kanji_cache, variation=0.0).load_split("train").images
     assert torch.equal(still[0], still[1])  # variation 0: every drawer the same
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_kanji_rendering_shows_a_progress_bar_on_a_terminal_only_while_rendering(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    kanji(str(tmp_path), drawers=2).load_split("train")  # a cache miss: renders
+    shown = terminal.getvalue()
+    assert f"rendering kanji once into {tmp_path}:" in shown and "/150 [" in shown
+    kanji(str(tmp_path), drawers=2).load_split("train")  # a cache hit: silent
+    assert terminal.getvalue() == shown
 
 
 def test_too_many_ways_or_shots_fail_at_start_with_one_line(kanji_cache: str) -> None:

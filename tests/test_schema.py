@@ -170,7 +170,7 @@ def test_every_task_schema_has_its_base_classes_arguments(option: Path) -> None:
 
 
 def test_an_inherited_key_gets_did_you_mean_and_type_checks(job) -> None:
-    assert "did you mean 'meta_batch_size'" in check_overrides(["task=kanji", "task.meta_bach_size=4"])
+    assert "did you mean 'task.meta_batch_size'?" in check_overrides(["task=kanji", "task.meta_bach_size=4"])
     assert job("task=kanji", "task.meta_batch_size=4").task.meta_batch_size == 4
     with pytest.raises(ConfigCompositionException) as error:
         job("task=kanji", "task.meta_batch_size=four")

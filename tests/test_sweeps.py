@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def test_two_by_two_sweep_nests_four_finished_runs_under_one_parent(two_by_two: 
     assert combos == {("False", "0"), ("False", "1"), ("True", "0"), ("True", "1")}
     assert parent.data.metrics["sweep/jobs_finished"] == 4 and parent.data.metrics["sweep/jobs_failed"] == 0
     assert parent.info.status == "FINISHED"
+
+
+def test_jobs_of_a_sweep_have_distinct_readable_run_names(two_by_two: Path) -> None:
+    _client, _parent, children = sweep_runs(two_by_two)
+    # <algorithm>-<task>-<swept values but those two>-#<job number>, in Hydra's order of the jobs
+    assert sorted(run.info.run_name for run in children) == [
+        "fomaml-sinusoid-seed=0-#2", "fomaml-sinusoid-seed=1-#3", "maml-sinusoid-seed=0-#0", "maml-sinusoid-seed=1-#1"]
 
 
 def test_compare_matches_search_runs_and_writes_plots(two_by_two: Path) -> None:
@@ -119,6 +127,23 @@ def test_optuna_search_records_the_best_trial_on_the_parent(tmp_path: Path) -> N
         float(best.data.params["algorithm.inner_lr"]))
     assert parent.data.params["best.algorithm.inner_steps"] == best.data.params["algorithm.inner_steps"]
     assert len({run.data.params["algorithm.inner_lr"] for run in children}) == 3
+    for run in children:  # named by the searched values (4 significant digits) and the trial's job number
+        inner_lr, steps = float(run.data.params["algorithm.inner_lr"]), run.data.params["algorithm.inner_steps"]
+        assert re.fullmatch(rf"maml-sinusoid-algorithm\.inner_lr={inner_lr:.4g}-algorithm\.inner_steps={steps}-#[0-2]",
+                            run.info.run_name), run.info.run_name
+
+
+def test_optuna_lines_carry_no_colour_codes_into_output_or_log_files(tmp_path: Path) -> None:
+    result = run_cli(["hparams_search=maml_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=5",
+                      "task.test_tasks=2", "task.val_tasks=2", "trainer.val_check_interval=5",
+                      f"hydra.sweep.dir={tmp_path}/sweep", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "A new study created in memory with name: maml_inner_loop" in result.stdout  # via Hydra's logging
+    logs = sorted((tmp_path / "sweep").rglob("*.log"))
+    assert len(logs) == 2  # one per trial
+    for name, text in [("stdout", result.stdout), ("stderr", result.stderr), *((p.name, p.read_text()) for p in logs)]:
+        assert "\x1b[" not in text, name
 
 
 def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> None:

@@ -24,31 +24,45 @@ def silence_gym_banner() -> None:
     notices.notices.pop(gym_version, None)
 
 
-class _DropLightningTips(logging.Filter):
-    """Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger") on every Trainer."""
+# Lines Lightning logs at INFO that metalab says in its own words, or that say nothing to a metalab user.
+_LIGHTNING_CHATTER = (
+    "💡 Tip:",  # Lightning 2.6 advertises its cloud products ("💡 Tip: ... litlogger") on every Trainer
+    "GPU available:", "TPU available:",  # train.py's header names the device the run uses
+    "LOCAL_RANK: ",  # "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]", likewise (the header names the GPU)
+    "`Trainer.fit` stopped: `max_steps=",  # the progress bar shows k/k meta-iterations
+)
 
+
+class _DropLightningChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("💡 Tip:")
+        return not str(record.msg).startswith(_LIGHTNING_CHATTER)
 
 
 def quiet_lightning() -> None:
-    """Drop Lightning's product tips, MLflow's store-creation notices, and one known-harmless deprecation.
+    """Drop Lightning's product tips and device banner, MLflow's store-creation notices, and known-harmless
+    warnings.
 
     Lightning 2.6.6 still builds ``torch.utils._pytree.LeafSpec``, which torch 2.14 marks deprecated;
-    the warning is about Lightning's internals, not the user's code. Every other message stays.
+    the warning is about Lightning's internals, not the user's code. "GPU available but not used" is said by
+    train.py's header instead (with the override that uses it). Every other message stays.
     """
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropLightningTips())
+    from lightning_fabric.utilities.warnings import PossibleUserWarning  # here: `import metalab` stays light
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "pytorch_lightning.accelerators.cuda"):
+        logging.getLogger(name).addFilter(_DropLightningChatter())
     # MLflow announces creating/upgrading a fresh SQLite store at INFO; its warnings and errors still show.
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    warnings.filterwarnings("ignore", message="GPU available but not used", category=PossibleUserWarning)
 
 
 @contextmanager
 def held_back_trainer_banner() -> Iterator[None]:
-    """Hold the lines a ``Trainer`` prints when it is built ("GPU available: ...") until the block ends.
+    """Hold the lines a ``Trainer`` prints when it is built (e.g. "`Trainer(limit_val_batches=1)` was configured
+    so ...") until the block ends.
 
     train.py checks the run against the Trainer (e.g. processes vs meta-batch) right after building it: a
     run that fails a check prints its one error line alone; one that passes prints the lines as usual.

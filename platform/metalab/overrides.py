@@ -139,10 +139,10 @@ def _suggest(error: OmegaConfBaseException) -> str:
     if not dataclasses.is_dataclass(schema):
         return f"check its spelling ({LIST_KEYS_HINT})"
     valid = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
-    wrong = str(error.full_key).rsplit(".", 1)[-1]
+    parent, _, wrong = str(error.full_key).rpartition(".")
     close = difflib.get_close_matches(wrong, valid, n=1)
-    if close:
-        return f"did you mean '{close[0]}'?"
+    if close:  # the whole key, as the user writes it on the command line
+        return f"did you mean '{parent + '.' if parent else ''}{close[0]}'?"
     return f"valid keys here are {', '.join(valid)}"
 
 

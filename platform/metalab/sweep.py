@@ -27,7 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metalab.errors import ConfigError, one_line
-from metalab.tracking.sweeps import Sweep, close_sweep, open_sweep
+from metalab.tracking.sweeps import Sweep, close_sweep, open_sweep, swept_keys
 from metalab.tracking.uri import default_tracking_uri
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -82,10 +82,15 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _tracked(config):
             return
-        sweep = open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri,
-                           config.tracking.experiment_name,
-                           tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
-                                 "metalab.sweeper": str(config.hydra.sweeper._target_)})
+        try:
+            sweep = open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri,
+                               config.tracking.experiment_name,
+                               tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
+                                     "metalab.sweeper": str(config.hydra.sweeper._target_)},
+                               swept=swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params") or {}))
+        except ConfigError as error:  # Hydra would make it a warning and run every job into the same error
+            print(f"metalab: error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
         atexit.register(_close_abandoned, sweep)
         print(f"sweep {sweep.sweep_id}: its runs nest under one MLflow parent run; compare them with: "
               f"{compare_command(sweep)}", flush=True)
@@ -116,3 +121,16 @@ def _close_abandoned(sweep: Sweep) -> None:
         return
     print(f"sweep {sweep.sweep_id} stopped before its end (parent run FAILED): {counts['sweep/jobs']} jobs, "
           f"{counts['sweep/jobs_finished']} finished, {counts['sweep/jobs_failed']} failed", file=sys.stderr)
+
+
+class PlainOptunaLogs(Callback):
+    """Optuna logs through its own colorlog handler, colour codes and all, even into redirected output and log
+    files. In an Optuna search its lines go through Python's logging instead: Hydra's handlers, plain text."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "optuna" not in str(config.hydra.sweeper.get("_target_", "")):
+            return  # `import optuna` only where it is the sweeper
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()

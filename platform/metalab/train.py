@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from metalab._quiet import held_back_trainer_banner, quiet_lightning
@@ -24,9 +27,11 @@ from metalab.config import config_dir, register_configs
 from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, DataMissingError, one_line
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
+from metalab.progress import MetaProgressBar
 from metalab.sweep import check_objective, job_failed
 from metalab.tasks.base import TaskFamily
 from metalab.tracking.base import RunInfo, Tracking
+from metalab.tracking.sweeps import current_sweep, job_label
 from metalab.validation import ValidateAtEnd, val_check_interval
 
 register_configs()
@@ -58,7 +63,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 if trainer.world_size > 1:
                     tracking.set_tags({"metalab.world_size": str(trainer.world_size), "metalab.rank_seeds": ", ".join(
                         f"{r}:{cfg.seed + r}" for r in range(trainer.world_size))})
-        trainer.fit(learner, datamodule=task, ckpt_path=checkpoint)
+            header(cfg, learner, trainer, tracking)
+        with warnings.catch_warnings():
+            if checkpoint:  # a resumed run goes on in its own checkpoint folder: not empty, by design
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(learner, datamodule=task, ckpt_path=checkpoint)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
                    if name.startswith("meta_val/")}  # the last validation: what sweeps optimise
         metrics |= trainer.test(learner, datamodule=task, verbose=False)[0]
@@ -70,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     tracking.finish("FINISHED")
     if rank == 0:
-        report(metrics, task, tracking)
+        report(metrics, task, tracking, backend=learner.runner.chosen if learner.runner.backend == "auto" else None)
     return metrics
 
 
@@ -103,6 +112,8 @@ def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
     callbacks = [*(instantiate(callback) for callback in cfg.callbacks.values()), ValidateAtEnd()]
+    if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(MetaProgressBar())  # meta-iterations k/max_steps, not Lightning's "Epoch 0/-2"
     interval = val_check_interval(cfg.trainer.max_steps, cfg.trainer.val_check_interval)  # null: scaled to max_steps
     return instantiate(cfg.trainer, **cfg.hardware, callbacks=callbacks, logger=False, default_root_dir=output_dir,
                        val_check_interval=interval,
@@ -112,18 +123,45 @@ def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
 
 
 def run_info(task: TaskFamily) -> RunInfo:
-    """Names and places for this job, from Hydra's runtime."""
+    """Names and places for this job, from Hydra's runtime: ``maml-sinusoid-<time>``, and in a sweep
+    ``maml-sinusoid-seed=1-#3`` (the job's swept values and number; the parent run has the time)."""
     runtime = HydraConfig.get().runtime
     choices = {group: str(choice) for group, choice in runtime.choices.items()
                if choice is not None and not group.startswith("hydra")}
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return RunInfo(experiment_name=task.name, run_name=f"{choices.get('algorithm', 'run')}-{task.name}-{stamp}",
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        suffix = job_label(current_sweep(), skip=("algorithm", "task"))  # the name begins with these two
+    else:
+        suffix = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return RunInfo(experiment_name=task.name, run_name=f"{choices.get('algorithm', 'run')}-{task.name}-{suffix}",
                    output_dir=Path(runtime.output_dir), choices=choices,
                    overrides=list(HydraConfig.get().overrides.task), data=task.data_description())
 
 
-def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> None:
-    """The lines a user reads at the end of a run."""
+def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking: Tracking) -> None:
+    """The lines a user reads at the start of a run: what runs, on what, and where it is recorded."""
+    choices = HydraConfig.get().runtime.choices
+    parameters = sum(p.numel() for p in learner.parameters() if p.requires_grad)
+    budget = " or ".join(([f"{trainer.max_steps} meta-iterations"] if trainer.max_steps > 0 else []) +
+                         ([f"max_time {cfg.trainer.max_time}"] if cfg.trainer.max_time else [])) or "no step limit"
+    backend = learner.runner.backend + (" (timed on the first meta-batch)" if learner.runner.backend == "auto" else "")
+    print(f"metalab: {choices.get('algorithm')} on {choices.get('task')}, model {choices.get('model')} "
+          f"({parameters:,} parameters)")
+    print(f"  {budget} on {device(trainer)}, runner backend {backend}")
+    print(f"  tracking: {tracking.describe()}", flush=True)
+
+
+def device(trainer: pl.Trainer) -> str:
+    """``cpu``, ``cuda (NVIDIA H100 80GB HBM3)``, ``cpu, 2 processes`` ... and a hint where a GPU sits idle."""
+    kind = type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+    if kind == "cuda":
+        kind += f" ({torch.cuda.get_device_name(trainer.strategy.root_device)})"
+    elif torch.cuda.is_available():  # said here instead of Lightning's "GPU available but not used" warning
+        kind += " (a CUDA GPU is visible: hardware=gpu uses it)"
+    return kind if trainer.world_size == 1 else f"{kind}, {trainer.world_size} processes"
+
+
+def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, backend: str | None = None) -> None:
+    """The lines a user reads at the end of a run (``backend``: the one ``runner.backend=auto`` chose)."""
     metric, label = ("acc", "accuracy") if task.problem == "classification" else ("loss", "MSE")
     print(f"\nmeta-test over {task.test_tasks} tasks (mean ± 95% CI):")
     for when in ("pre", "post"):
@@ -131,6 +169,8 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking) -> N
             continue
         mean, ci95 = metrics[f"meta_test/{when}_{metric}"], metrics[f"meta_test/{when}_{metric}_ci95"]
         print(f"  {when}-adaptation {label}: {mean:.4f} ± {ci95:.4f}")
+    if backend:
+        print(f"runner backend: {backend} (chosen by runner.backend=auto)")
     if tracking.run_id:
         print(f"MLflow run id: {tracking.run_id}")
         print(f"Open the MLflow UI: make ui  (then {tracking.ui_page()})")

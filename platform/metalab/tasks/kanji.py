@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from metalab.errors import ConfigError
 from metalab.tasks.images import ImageClassFamily, LabelledImages
@@ -196,6 +197,10 @@ class KanjiHandwriting(ImageClassFamily):
         splits = split_alphabets(glyphs, self.num_classes, *self.split_settings)
         style = DrawerStyle().scaled(self.variation)
         arrays: dict[str, np.ndarray] = {}
+        # Once per setting (~25 s for all 1,623 classes); on a terminal only: a captured run keeps its one-line
+        # errors, and a log file no stream of carriage returns.
+        progress = tqdm(total=sum(map(len, splits.values())), desc=f"rendering kanji once into {cache.parent}",
+                        unit="class", disable=None)
         for split, members in splits.items():
             images = np.empty((len(members) * self.drawers, 1, self.image_size, self.image_size), np.uint8)
             for c, glyph in enumerate(members):
@@ -203,11 +208,13 @@ class KanjiHandwriting(ImageClassFamily):
                 for d in range(self.drawers):  # seeded by glyph and drawer: the same images on every machine
                     rng = np.random.default_rng([int(glyph.code, 16), d])
                     images[c * self.drawers + d, 0] = render(strokes, self.image_size, rng, style)
+                progress.update()
             arrays[f"{split}_images"] = images
             arrays[f"{split}_labels"] = np.repeat(np.arange(len(members)), self.drawers)
             arrays[f"{split}_classes"] = np.array([f"{g.alphabet}/{g.code}" for g in members])
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        progress.close()
         np.savez(partial, **arrays)
         partial.replace(cache)  # atomic: concurrent jobs never read a half-written cache
 

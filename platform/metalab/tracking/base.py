@@ -31,6 +31,10 @@ class Tracking(ABC):
     def start(self, cfg: DictConfig, info: RunInfo) -> Logger | None:
         """Open the run for this job and record its configuration; return Lightning's logger for it."""
 
+    def describe(self) -> str:
+        """Where the open run is recorded, in a line's words (train.py's header)."""
+        return type(self).__name__
+
     def check(self) -> None:  # noqa: B027 (nothing to check is a valid default)
         """Fail in seconds, before training, if runs cannot be recorded (ConfigError)."""
 

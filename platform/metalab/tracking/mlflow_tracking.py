@@ -55,7 +55,7 @@ class MLflowTracking(Tracking):
         tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI``, else ``DEFAULT_TRACKING_URI``
             (``metalab.tracking.uri``).
         experiment_name: ``None`` = the task family's name, so runs compare across algorithms by design.
-        run_name: ``None`` = ``<algorithm>-<task>-<time>``.
+        run_name: ``None`` = ``<algorithm>-<task>-<time>``, in a sweep ``<algorithm>-<task>-<swept values>-#<job>``.
     """
 
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str | None = None,
@@ -74,6 +74,13 @@ class MLflowTracking(Tracking):
 
     def check(self) -> None:
         require_reachable(self.tracking_uri)
+
+    def describe(self) -> str:
+        """``<tracking URI>, experiment sinusoid, run maml-sinusoid-20260101-120000``: read back from the store,
+        so a resumed run or a sweep's job (experiment ``sweeps``) says where it really is."""
+        run = self.client.get_run(self.run_id)
+        experiment = self.client.get_experiment(run.info.experiment_id).name
+        return f"{self.tracking_uri}, experiment {experiment}, run {run.info.run_name}"
 
     def start(self, cfg: DictConfig, info: RunInfo) -> MLflowRunLogger:
         require_reachable(self.tracking_uri)

@@ -8,6 +8,9 @@ from metalab.tracking.base import RunInfo, Tracking
 
 
 class NoTracking(Tracking):
+    def describe(self) -> str:
+        return "none (tracking=none: nothing is recorded)"
+
     def start(self, cfg: DictConfig, info: RunInfo) -> None:
         return None
 

@@ -11,21 +11,24 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from metalab.tracking.client import experiment_id, fit_tags, source_tags
+from metalab.tracking.uri import require_reachable
 
 SWEEP_FILE = "metalab_sweep.json"
 DEFAULT_EXPERIMENT = "sweeps"
+LABEL_LENGTH = 100  # of a job's swept values in its run name (MLflow stores up to 250 characters)
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Sweep:
     parent_run_id: str
     experiment_id: str
     tracking_uri: str
+    swept: list[str] = field(default_factory=list)  # the keys the sweep varies (see swept_keys)
 
     @classmethod
     def read(cls, folder: Path) -> Sweep | None:
@@ -49,16 +53,44 @@ def current_sweep() -> Sweep | None:
     return Sweep.read(Path(HydraConfig.get().sweep.dir))
 
 
+def swept_keys(overrides: Sequence[str], search_space: Iterable[str] = ()) -> list[str]:
+    """The keys a multirun varies: the command line's sweeps (``seed=0,1``) and a search sweeper's ``params``."""
+    swept = [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))
+             if o.is_sweep_override()]
+    return swept + [key for key in search_space if key not in swept]
+
+
+def job_label(sweep: Sweep | None, skip: Collection[str] = ()) -> str:
+    """``seed=1-#3``: this job's values of the swept keys (but ``skip``) and its number, for its run name.
+
+    The number alone keeps the names of a sweep's jobs distinct; the values make them readable.
+    """
+    job = HydraConfig.get()
+    swept = set(sweep.swept if sweep else ()) - set(skip)
+    values = [f"{o.key_or_group}={_short(o.value())}"
+              for o in OverridesParser.create().parse_overrides(list(job.overrides.task)) if o.key_or_group in swept]
+    label = "-".join(values)
+    if len(label) > LABEL_LENGTH:
+        label = label[:LABEL_LENGTH - 1] + "…"
+    return f"{label}-#{job.job.num}" if label else f"#{job.job.num}"
+
+
+def _short(value: Any) -> str:
+    """A search's float as 4 significant digits (``0.01234``), anything else as written."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def open_sweep(folder: Path, tracking_uri: str, experiment_name: str | None = None,
-               tags: Mapping[str, str] | None = None) -> Sweep:
+               tags: Mapping[str, str] | None = None, swept: Sequence[str] = ()) -> Sweep:
     """Create the parent run in ``experiment_name`` (default :data:`DEFAULT_EXPERIMENT`) and write
     :data:`SWEEP_FILE` into ``folder`` so that the jobs find it."""
+    require_reachable(tracking_uri)  # before MLflow creates a missing folder or fails on an unknown scheme
     client = MlflowClient(tracking_uri)
     experiment = experiment_id(client, experiment_name or DEFAULT_EXPERIMENT)
     sweep_id = f"sweep-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     run = client.create_run(experiment, run_name=sweep_id, tags=fit_tags(
         {"metalab.sweep_id": sweep_id, "metalab.sweep_parent": "true", **(tags or {}), **source_tags()}))
-    sweep = Sweep(sweep_id, run.info.run_id, experiment, tracking_uri)
+    sweep = Sweep(sweep_id, run.info.run_id, experiment, tracking_uri, list(swept))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SWEEP_FILE).write_text(json.dumps(asdict(sweep)))
     return sweep
