@@ -192,6 +192,7 @@ def test_documented_command_runs_as_printed(command: str, tmp_path: Path, kanji_
     assert result.returncode == check.exit_status, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert check.shows in output, output[-3000:]
+    assert "warning" not in result.stderr.lower(), result.stderr[-3000:]  # no third-party warning on a correct run
     statuses = runs_by_status(tmp_path / "mlflow.db")
     assert statuses.get("RUNNING", 0) == 0, statuses  # every run (and sweep) ended
     assert statuses.get("FAILED", 0) == check.failed, statuses

@@ -30,6 +30,7 @@ _LIGHTNING_CHATTER = (
     "GPU available:", "TPU available:",  # train.py's header names the device the run uses
     "LOCAL_RANK: ",  # "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]", likewise (the header names the GPU)
     "`Trainer.fit` stopped: `max_steps=",  # the progress bar shows k/k meta-iterations
+    "`Trainer(val_check_interval=1)` was configured",  # short runs' scaled default (metalab.validation): intended
 )
 
 
