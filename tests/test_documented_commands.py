@@ -26,7 +26,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 COMMAND = re.compile(r"^(metalab-train|metalab|make)(\s|$)")
 
 SHORT = ("trainer.max_steps=3", "task.val_tasks=2", "task.test_tasks=2")
-SHORT_IMAGES = (*SHORT, "task.meta_batch_size=2")
+SHORT_IMAGES = (*SHORT, "task.meta_batch_size=2", "runner.backend=loop")  # no auto probe: it times CNN4 twice
 
 
 def documented_commands() -> dict[str, str]:
@@ -69,7 +69,7 @@ CHECKS: dict[str, Check] = {
     "metalab-train debug=smoke": Check(runs=1),
     "metalab-train tracking=none": Check(extra=SHORT, shows="meta-test over 2 tasks"),
     "metalab-train --cfg job": Check(shows="inner_lr: 0.01"),
-    "metalab-train -m algorithm=maml,fomaml seed=0,1,2": Check(extra=SHORT, runs=7),  # 6 jobs + the sweep
+    "metalab-train -m algorithm=maml,fomaml seed=0,1,2": Check(extra=SHORT, runs=7, slow=True),  # 6 jobs + sweep
     "metalab-train -m algorithm=maml,protonet task=kanji task.shots=1,5 seed=0,1,2":
         Check(extra=SHORT_IMAGES, runs=13, slow=True),
     "metalab-train -m algorithm=maml,fomaml seed=0,1 hydra/launcher=joblib hydra.launcher.n_jobs=2":
@@ -79,12 +79,12 @@ CHECKS: dict[str, Check] = {
     "metalab-train hparams_search=maml_optuna hydra.sweeper.n_trials=30":
         Check(extra=(*SHORT, "hydra.sweeper.n_trials=2"), runs=3, slow=True),
     "metalab compare --sweep last": Check(before=("metalab-train -m algorithm=maml,fomaml seed=0,1,2",),
-                                          runs=7, shows="| maml |"),
+                                          runs=7, shows="| maml |", slow=True),
     "metalab-train hardware=ddp task=omniglot task.meta_batch_size=32": Check("cfg", shows="strategy: ddp"),
     "metalab-train hardware=ddp_cpu": Check(extra=SHORT, runs=1, slow=True),
     "metalab-train task=kanji algorithm=protonet": Check(extra=SHORT_IMAGES, runs=1),
     "metalab-train task=kanji algorithm=maml algorithm.inner_lr=0.4 task.ways=20 task.shots=5":
-        Check(extra=SHORT_IMAGES, runs=1),
+        Check(extra=SHORT_IMAGES, runs=1, slow=True),
     "metalab-train task=omniglot task.root=/data/omniglot": Check("cfg", shows="root: /data/omniglot"),
     "metalab-train task=mini_imagenet task.root=/data/mini-imagenet model.hidden_size=32":
         Check("cfg", shows="hidden_size: 32"),
@@ -92,13 +92,13 @@ CHECKS: dict[str, Check] = {
     # Without the data set (as on CI) it must say so in one line, and exit 1.
     "metalab reproduce maml_omniglot_5w1s task.root=/data/omniglot":
         Check(exit_status=1, shows="not found under task.root=/data/omniglot"),
-    "metalab reproduce maml_kanji_5w1s": Check(extra=("--budget", "smoke"), runs=1, shows="plumbing ok"),
+    "metalab reproduce maml_kanji_5w1s": Check(extra=("--budget", "smoke"), runs=1, shows="plumbing ok", slow=True),
     "metalab reproduce all --budget smoke": Check(shows="| maml_kanji_5w1s |", slow=True),
-    "metalab reproduce all --from-mlflow --out table.md": Check(shows="| maml_omniglot_5w1s |"),
+    "metalab reproduce all --from-mlflow --out table.md": Check(shows="| maml_omniglot_5w1s |", slow=True),
     "make lint": Check(shows="All checks passed"),
     "make test-slow": Check("dry", shows="pytest -m slow"),
     "make test-all": Check("dry", shows="pytest"),
-    "metalab-train algorithm=maml task=kanji runner.backend=auto": Check(extra=SHORT_IMAGES, runs=1),
+    "metalab-train algorithm=maml task=kanji runner.backend=auto": Check(extra=SHORT_IMAGES[:-1], runs=1, slow=True),
 }
 
 
