@@ -60,7 +60,7 @@ def test_resume_with_a_differing_setting_is_refused_in_one_line_and_leaves_the_r
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith(f"metalab: error: resume={run_id}: the command line changes settings the run was "
-                           "recorded with: task.test_tasks: 20 → 30, task.seed: 0 → 4, seed: 0 → 4. ")  # task.seed: ${seed}
+                           "recorded with: task.test_tasks: 20 → 30, task.seed: 0 → 4, seed: 0 → 4. ")  # ${seed}
     assert line.endswith("A resumed run keeps its recorded settings except keys in resume_allow: drop these "
                          "overrides, or allow them with 'resume_allow=[trainer.max_steps,trainer.max_time,optimizer.lr,"
                          "algorithm.inner_lr,task.test_tasks,task.seed,seed]'")
@@ -129,6 +129,21 @@ def test_requeued_job_goes_through_the_same_check(tmp_path: Path) -> None:
     train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=20", "algorithm.inner_lr=0.02"]))
     assert only_run(store).data.tags["metalab.resume_changes"] == (
         "algorithm.inner_lr: 0.01 → 0.02, trainer.max_steps: 10 → 20 at step 10")
+
+
+def test_a_new_learning_rate_rescales_the_schedule_where_it_stands(tmp_path: Path) -> None:
+    """With a scheduler, the checkpoint's rates (current and base) are rescaled by new/recorded: the halving every
+    5 steps goes on from the new rate."""
+    settings = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "debug=smoke", "resume=auto",
+                "runner.backend=loop", "scheduler=step", "scheduler.step_size=5"]
+    train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=10"]))
+    last = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    assert torch.load(last)["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.001 * 0.5 ** 2)
+    train(compose_job(tmp_path / "job", [*settings, "trainer.max_steps=20", "optimizer.lr=0.002"]))
+    checkpoint = torch.load(last)
+    assert checkpoint["global_step"] == 20
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.002 * 0.5 ** 4)
+    assert checkpoint["lr_schedulers"][0]["base_lrs"] == pytest.approx([0.002])
 
 
 def test_a_change_the_checkpoint_would_undo_is_refused(tmp_path: Path) -> None:

@@ -100,6 +100,12 @@ class ResumePlan:
     changes: list[Change] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)  # the run's tags before the resume
 
+    @property
+    def choices(self) -> dict[str, str]:
+        """The run's config groups and options (its tags ``metalab.<group>``), e.g. ``{"algorithm": "maml"}``."""
+        return {key.removeprefix("metalab."): value for key, value in self.tags.items()
+                if key.removeprefix("metalab.") in ("algorithm", "task", "model")}
+
     def describe(self) -> str:
         """``optimizer.lr: 0.001 → 0.0001, trainer.max_steps: 20 → 40 at step 20``."""
         return f"{', '.join(map(str, self.changes))} at step {self.step}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 if trainer.world_size > 1:
                     tracking.set_tags({"metalab.world_size": str(trainer.world_size), "metalab.rank_seeds": ", ".join(
                         f"{r}:{cfg.seed + r}" for r in range(trainer.world_size))})
-            header(cfg, learner, trainer, tracking)
+            header(cfg, learner, trainer, tracking, plan.choices if plan is not None else None)
             if plan is not None and plan.changes:
                 print(f"  resumed with changes: {plan.describe()}", flush=True)
         with warnings.catch_warnings():
@@ -149,9 +150,11 @@ def run_info(task: TaskFamily) -> RunInfo:
                    overrides=list(HydraConfig.get().overrides.task), data=task.data_description())
 
 
-def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking: Tracking) -> None:
-    """The lines a user reads at the start of a run: what runs, on what, and where it is recorded."""
-    choices = HydraConfig.get().runtime.choices
+def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking: Tracking,
+           choices: Mapping[str, str] | None = None) -> None:
+    """The lines a user reads at the start of a run: what runs, on what, and where it is recorded (``choices``:
+    the config groups' options, a resumed run's recorded ones; default: this command line's)."""
+    choices = choices or HydraConfig.get().runtime.choices
     parameters = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     budget = " or ".join(([f"{trainer.max_steps} meta-iterations"] if trainer.max_steps > 0 else []) +
                          ([f"max_time {cfg.trainer.max_time}"] if cfg.trainer.max_time else [])) or "no step limit"
