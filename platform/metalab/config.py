@@ -25,6 +25,9 @@ from omegaconf import MISSING as OMEGACONF_MISSING
 from omegaconf import OmegaConf
 
 OBJECT_GROUPS = ("algorithm", "task", "model", "tracking")
+# The settings a resume may change (metalab.resume): a longer budget, and the learning rates that recover a run
+# from divergence. fnmatch patterns over dotted keys; a pattern naming a group (``trainer``) allows its keys.
+DEFAULT_RESUME_ALLOW = ("trainer.max_steps", "trainer.max_time", "optimizer.lr", "algorithm.inner_lr")
 
 
 def experiments_dir() -> Path:
@@ -125,6 +128,7 @@ class MetalabConfig:
     objective: str = "meta_val/post_loss"  # what a sweeper optimises (the last validation's value)
     resume: str | None = None  # an MLflow run id: continue it from its last checkpoint; "auto": the run this
     # job's output folder began, if any (a requeued SLURM job restarts there)
+    resume_allow: list[str] = field(default_factory=lambda: list(DEFAULT_RESUME_ALLOW))  # what a resume may change
     sampling_workers: int = 0  # processes drawing training meta-batches ahead of the step (0: the training one)
     reproduction: ReproductionConfig | None = None  # set by experiments/ presets: the published number
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from metalab._quiet import held_back_trainer_banner, quiet_lightning
+from metalab.checkpoints import AtomicCheckpointIO
 from metalab.checks import check_algorithm_fits, check_distributed, check_model_fits, require_accelerator
 from metalab.config import config_dir, register_configs
 from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, DataMissingError, one_line
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
 from metalab.progress import MetaProgressBar
+from metalab.resume import plan_resume
 from metalab.sweep import check_objective, job_failed
 from metalab.tasks.base import TaskFamily
 from metalab.tracking.base import RunInfo, Tracking
@@ -43,12 +46,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tracking: Tracking = instantiate(cfg.tracking)
     rank = rank_zero_only.rank  # 0, except in the processes Lightning's DDP launcher starts for the others
     try:
-        task, learner = build(cfg, seed=cfg.seed + rank)
         resume = cfg.resume
         if resume == "auto":  # a requeued job restarts in its own output folder: continue the run begun there
             resume = tracking.run_begun_in(Path(HydraConfig.get().runtime.output_dir))
-        if resume:  # continue a run (killed, preempted) from its last checkpoint, into the same MLflow run
-            output_dir, checkpoint = tracking.locate(resume)
+        plan = None
+        if resume:  # continue a run (killed, preempted) from its last checkpoint, into the same MLflow run,
+            plan = plan_resume(cfg, tracking, resume)  # with its recorded settings; refused: the run is untouched
+            cfg = plan.config
+        task, learner = build(cfg, seed=cfg.seed + rank)
+        if plan is not None:
+            output_dir, checkpoint = plan.output_dir, plan.checkpoint
         else:
             info = run_info(task)
             output_dir, checkpoint = info.output_dir, None
@@ -56,14 +63,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         with held_back_trainer_banner():  # a failed check prints its one line alone
             trainer = make_trainer(cfg, output_dir)
             check_distributed(trainer, task, learner)
+        if plan is not None and (apply_changes := plan.callback()) is not None:
+            trainer.callbacks.append(apply_changes)  # optimiser settings go into the checkpoint as it loads
         if rank == 0:  # one MLflow run per job, never one per process
             logger = tracking.resume(resume) if resume else tracking.start(cfg, info)
+            if plan is not None:
+                plan.record(tracking)
             if logger is not None:
                 trainer.logger = logger
                 if trainer.world_size > 1:
                     tracking.set_tags({"metalab.world_size": str(trainer.world_size), "metalab.rank_seeds": ", ".join(
                         f"{r}:{cfg.seed + r}" for r in range(trainer.world_size))})
-            header(cfg, learner, trainer, tracking)
+            header(cfg, learner, trainer, tracking, plan.choices if plan is not None else None)
+            if plan is not None and plan.changes:
+                print(f"  resumed with changes: {plan.describe()}", flush=True)
         with warnings.catch_warnings():
             if checkpoint:  # a resumed run goes on in its own checkpoint folder: not empty, by design
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
@@ -116,7 +129,7 @@ def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
         callbacks.append(MetaProgressBar())  # meta-iterations k/max_steps, not Lightning's "Epoch 0/-2"
     interval = val_check_interval(cfg.trainer.max_steps, cfg.trainer.val_check_interval)  # null: scaled to max_steps
     return instantiate(cfg.trainer, **cfg.hardware, callbacks=callbacks, logger=False, default_root_dir=output_dir,
-                       val_check_interval=interval,
+                       val_check_interval=interval, plugins=[AtomicCheckpointIO()],  # no truncated last.ckpt
                        inference_mode=False,  # validation/test adapt with gradients
                        use_distributed_sampler=False,  # every process evaluates every task: exact CIs
                        check_val_every_n_epoch=None)  # training tasks are an endless stream
@@ -137,9 +150,11 @@ def run_info(task: TaskFamily) -> RunInfo:
                    overrides=list(HydraConfig.get().overrides.task), data=task.data_description())
 
 
-def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking: Tracking) -> None:
-    """The lines a user reads at the start of a run: what runs, on what, and where it is recorded."""
-    choices = HydraConfig.get().runtime.choices
+def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking: Tracking,
+           choices: Mapping[str, str] | None = None) -> None:
+    """The lines a user reads at the start of a run: what runs, on what, and where it is recorded (``choices``:
+    the config groups' options, a resumed run's recorded ones; default: this command line's)."""
+    choices = choices or HydraConfig.get().runtime.choices
     parameters = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     budget = " or ".join(([f"{trainer.max_steps} meta-iterations"] if trainer.max_steps > 0 else []) +
                          ([f"max_time {cfg.trainer.max_time}"] if cfg.trainer.max_time else [])) or "no step limit"

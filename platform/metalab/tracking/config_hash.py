@@ -20,6 +20,7 @@ NOT_SCIENCE = (
     "output_dir",  # the job's folder; its interpolations (checkpoint dirpath) are hashed as a placeholder
     "tracking",  # where the run is recorded
     "resume",  # continuing a run gives the numbers of the run it continues
+    "resume_allow",  # what a resume may change (metalab.resume); a change made is tagged on the run
     "hydra",  # Hydra's own runtime (present only when a config is composed with it)
     "objective",  # the metric a sweeper reads after the run
     "reproduction",  # the paper's number and tolerance a preset is judged against, not a setting of the run
