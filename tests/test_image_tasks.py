@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from metalab.errors import ConfigError
 from metalab.tasks import ImageFolder, KanjiHandwriting, MiniImageNet, Omniglot, SinusoidLineRegression
 from metalab.tasks import omniglot as omniglot_module
-from metalab.tasks.images import SPLITS
+from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
 from tests import fake_datasets
 
 
@@ -238,6 +239,52 @@ def test_image_folder_with_split_file(tmp_path: Path) -> None:
     (tmp_path / "split.yaml").write_text(yaml.safe_dump(split | {"test": ["class6", "missing"]}))
     with pytest.raises(ConfigError, match=r"names class 'missing' but .* is not a folder"):
         ImageFolder(root=str(tmp_path)).prepare()
+
+
+def test_image_folder_names_an_empty_class_folder_and_a_corrupt_file(tmp_path: Path) -> None:
+    """Neither is fixed by fewer shots: the message names the folder (or file) and what to do with it."""
+    from PIL import Image
+
+    for c in range(6):
+        (tmp_path / f"c{c}").mkdir()
+        for d in range(4):
+            Image.fromarray(fake_datasets.glyph_image(c, d, 16)).save(tmp_path / f"c{c}" / f"{d}.png")
+    (tmp_path / "split.yaml").write_text(yaml.safe_dump({"train": ["c0", "c1"], "val": ["c2", "c3"],
+                                                         "test": ["c4", "c5"]}))
+    settings = {"root": str(tmp_path), "image_size": 16, "channels": 1, "ways": 2, "shots": 1, "queries": 1}
+    for image in (tmp_path / "c5").iterdir():
+        image.unlink()
+    with pytest.raises(ConfigError, match=rf"^class folder {re.escape(str(tmp_path / 'c5'))} has no images "
+                                          rf"\(.png, .jpg, .jpeg\): add images to it or remove 'c5' from the test "
+                                          rf"list of {re.escape(str(tmp_path / 'split.yaml'))}$"):
+        ImageFolder(**settings).prepare()
+    (tmp_path / "c5" / "0.png").write_bytes((tmp_path / "c4" / "0.png").read_bytes())
+    (tmp_path / "c5" / "1.jpg").write_bytes((tmp_path / "c4" / "1.png").read_bytes())  # any readable image will do
+    truncated = tmp_path / "c1" / "2.png"
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(ConfigError, match=rf"^cannot read image {re.escape(str(truncated))}: image file is truncated; "
+                                          "replace or remove the file$"):
+        ImageFolder(**settings).prepare()
+    truncated.write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=rf"^cannot read image {re.escape(str(truncated))}: not an image file PIL can "
+                                          "identify; replace or remove the file$"):
+        ImageFolder(**settings).prepare()
+    truncated.unlink()
+    ImageFolder(**settings).prepare()  # each class has enough images again
+
+
+class ClassesOfThreeTwoAndNone(ImageClassFamily):
+    name = "three-two-none"
+
+    def load_split(self, split: str) -> LabelledImages:
+        return LabelledImages(torch.zeros(5, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 1]),
+                              ["three", "two", "none"])
+
+
+def test_an_empty_class_of_any_image_family_is_named_and_not_blamed_on_shots() -> None:
+    with pytest.raises(ConfigError, match=r"^class 'none' of the train split of three-two-none has no images: add "
+                                          r"images to it or remove it from the split$"):
+        ClassesOfThreeTwoAndNone(ways=2, shots=1, queries=1).prepare()
 
 
 def test_sinusoid_line_mixes_lines_and_sinusoids() -> None:

@@ -4,28 +4,62 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from mlflow.tracking import MlflowClient
+from pytorch_lightning.callbacks import Callback
 
+from metalab.cli import main
 from metalab.errors import ConfigError
-from metalab.reliability import DivergenceError
+from metalab.reliability import TERMINATED_EXIT_CODE, DivergenceError, Terminated, non_finite
+from metalab.tracking.liveness import HEARTBEAT_TAG, HOST_TAG, PID_TAG, find_runs
+from metalab.tracking.runs import RunStore
 from metalab.train import train
 from tests.conftest import BIN, compose_job, run_cli
 
 
 def test_divergence_stops_at_the_first_bad_step_and_fails_the_run(job, tmp_path: Path) -> None:
-    with pytest.raises(DivergenceError, match=r"meta_train/loss is (nan|inf) at step 0: training diverged"):
-        train(job("debug=smoke", "algorithm.inner_lr=1e30", "runner.backend=loop"))
+    with pytest.raises(DivergenceError, match=r"meta_train/loss is (nan|inf) at step 0: training diverged; lower "
+                                              r"optimizer.lr or algorithm.inner_lr; no checkpoint was saved before "
+                                              r"it$"):
+        train(job("debug=smoke", "algorithm.inner_lr=1e30", "runner.backend=loop",
+                  "callbacks.checkpoint.every_n_train_steps=1"))
+    assert not list(tmp_path.glob("run0/checkpoints/*.ckpt"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
     assert run.info.status == "FAILED"
     assert "training diverged" in run.data.tags["metalab.error"]
+
+
+def test_divergence_keeps_the_last_checkpoint_with_finite_weights_and_names_it(job, tmp_path: Path) -> None:
+    """Checkpointing every step, the update that overflows the weights is not saved: the message names the
+    checkpoint it left, whose weights (and optimiser state) are finite."""
+    # SGD at lr 1 for three steps, then lr 3.3e38: the update of step 3 overflows float32 weights (the loss of
+    # step 3, computed before it, is finite)
+    overrides = ["debug=smoke", "runner.backend=loop", "callbacks.checkpoint.every_n_train_steps=1", "optimizer=sgd",
+                 "optimizer.lr=1", "scheduler=step", "scheduler.step_size=3", "scheduler.gamma=3.3e38"]
+    with pytest.raises(DivergenceError, match=r"^algorithm\.\S+ is not finite after the update of step 3: training "
+                                              r"diverged; lower optimizer.lr or algorithm.inner_lr; the last finite "
+                                              r"weights are in (\S+) \(step 3\)$") as error:
+        train(job(*overrides))
+    kept = Path(re.search(r"weights are in (\S+) \(step", str(error.value)).group(1))
+    assert kept == tmp_path / "run0" / "checkpoints" / "last.ckpt"
+    for path in kept.parent.glob("*.ckpt"):  # every checkpoint written is finite
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        assert non_finite(checkpoint) is None and checkpoint["global_step"] <= 3, path
+    assert torch.load(kept, map_location="cpu", weights_only=False)["global_step"] == 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["metalab.error"] == f"DivergenceError: {error.value}"
 
 
 def test_divergence_from_the_command_line_is_one_line(tmp_path: Path) -> None:
@@ -138,6 +172,152 @@ def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> N
     assert run.info.status == "KILLED"
     assert Path(run.data.tags["metalab.checkpoint_dir"], "interrupted.ckpt").is_file()
     assert "Traceback" not in stderr
+
+
+def start_training(tmp_path: Path, *overrides: str) -> subprocess.Popen[str]:
+    """A real `metalab-train` on the sinusoid, tracked in tmp_path/mlflow.db, stderr captured."""
+    return subprocess.Popen([str(BIN / "metalab-train"), *overrides,
+                             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=clean_environment())
+
+
+def wait_for_checkpoint(process: subprocess.Popen[str], folder: Path, step: int) -> None:
+    deadline = time.monotonic() + 180
+    while not any(int(p.stem.split("step=")[1]) >= step for p in folder.glob("outputs/*/*/checkpoints/*step=*.ckpt")):
+        assert process.poll() is None, "the run ended before the signal"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_the_step_marks_the_run_killed_exits_143_and_resume_finishes_it(tmp_path: Path) -> None:
+    """What SLURM sends on preemption: the run stops after the meta-iteration, in one line, with a checkpoint
+    of that step that resume= continues from; the resumed run finishes with no stale error and every step once."""
+    common = ["debug=smoke", "trainer.max_steps=120", "trainer.val_check_interval=60", "trainer.log_every_n_steps=1",
+              "callbacks.checkpoint.every_n_train_steps=10", "runner.backend=loop"]
+    process = start_training(tmp_path, *common)
+    wait_for_checkpoint(process, tmp_path, 20)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == TERMINATED_EXIT_CODE == 143
+    [line] = [line for line in stderr.splitlines() if line.strip()]
+    stop = re.fullmatch(r"metalab: stopped: SIGTERM at step (\d+) \(preemption, scancel or kill\): checkpoint (\S+); "
+                        r"continue with resume=(\w+)", line)
+    assert stop, line
+    step, checkpoint, run_id = int(stop[1]), Path(stop[2]), stop[3]
+    assert checkpoint.name == "last.ckpt" and step >= 20
+    assert torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] == step
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["metalab.error"] == f"Terminated: {line.removeprefix('metalab: stopped: ')}"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "meta_train/loss")) == list(range(step))
+
+    resumed = run_cli([*common, f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"resume={run_id}"],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and "metalab.error" not in run.data.tags
+    assert run.data.tags["metalab.resumed_from"] == str(checkpoint)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "meta_train/loss")) == list(range(120))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "meta_val/post_loss")) == [59, 119]
+
+
+class SigtermInValidation(Callback):
+    """Sends this process a real SIGTERM in the middle of the validation after meta-iteration ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.sent = step, False
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            os.kill(os.getpid(), signal.SIGTERM)  # after the first of its 4 batches
+            self.sent = True
+
+
+def test_sigterm_during_validation_finishes_it_then_stops_and_resumes_as_if_uninterrupted(tmp_path: Path) -> None:
+    """Lightning would stop a validation after its current batch and, resumed, not redo it: that step's meta_val
+    would be missing. The validation is finished first; the resumed run matches an uninterrupted one."""
+    common = ["debug=smoke", "trainer.max_steps=40", "trainer.val_check_interval=20", "trainer.log_every_n_steps=1",
+              "task.eval_batch_size=3", "runner.backend=loop", "seed=3"]  # 10 validation tasks: 4 batches
+    train(compose_job(tmp_path / "reference", [*common, f"tracking.tracking_uri=sqlite:///{tmp_path}/reference.db"]))
+    store = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    with pytest.raises(Terminated, match=r"^SIGTERM at step 20 \(preemption, scancel or kill\): checkpoint "
+                                         rf"{re.escape(str(tmp_path / 'job' / 'checkpoints' / 'last.ckpt'))}; "):
+        train(compose_job(tmp_path / "job", [*common, *store, "+callbacks.sigterm._target_=tests.test_reliability."
+                                             "SigtermInValidation", "+callbacks.sigterm.step=20"]))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "KILLED"
+    train(compose_job(tmp_path / "job", [*common, *store, f"resume={run.info.run_id}"]))
+    reference = MlflowClient(f"sqlite:///{tmp_path}/reference.db")
+    [uninterrupted] = reference.search_runs([reference.get_experiment_by_name("sinusoid").experiment_id])
+    for name in ("meta_train/loss", "meta_val/post_loss", "meta_val/pre_loss"):
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+        expected = {m.step: m.value for m in reference.get_metric_history(uninterrupted.info.run_id, name)}
+        assert history == pytest.approx(expected, rel=1e-6), name
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [path.name for path in (tmp_path / "job" / "checkpoints").glob("last*.ckpt")] == ["last.ckpt"]  # no -v1
+
+
+def test_runs_stale_lists_a_killed_run_not_a_live_one_and_marks_it_killed(tmp_path: Path, capsys) -> None:
+    """SIGKILL leaves a run RUNNING; `metalab runs --stale` finds it (its process on this host is gone), and
+    `--mark-killed` closes it; a run whose process is still there is neither listed nor touched."""
+    long_run = ["debug=smoke", "trainer.max_steps=100000", "runner.backend=loop"]
+    doomed, live = start_training(tmp_path, *long_run), start_training(tmp_path, *long_run, "seed=1")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        deadline = time.monotonic() + 180
+        pids: dict[str, str] = {}
+        while not {str(doomed.pid), str(live.pid)} <= pids.keys():  # both training: their runs name host and pid
+            assert doomed.poll() is None and live.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+            experiment = client.get_experiment_by_name("sinusoid")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            pids = {run.data.tags.get("metalab.pid"): run.info.run_id for run in runs}
+        live.send_signal(signal.SIGSTOP)  # still there, no longer taking the CPU the checks need
+        doomed.kill()
+        doomed.wait()
+
+        def metalab(*args: str) -> list[str]:  # the verb in this process: its start-up would dominate the test
+            main(["runs", *args, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
+            return capsys.readouterr().out.splitlines()
+
+        [line] = metalab("--stale")
+        assert line == (f"{pids[str(doomed.pid)]}  sinusoid/{client.get_run(pids[str(doomed.pid)]).info.run_name}  "
+                        f"stale: process {doomed.pid} on {socket.gethostname()} is gone")
+        assert f"{pids[str(live.pid)]}  sinusoid/{client.get_run(pids[str(live.pid)]).info.run_name}  live: process " \
+               f"{live.pid} on {socket.gethostname()} is running" in metalab()  # without --stale: every RUNNING run
+
+        assert metalab("--stale", "--mark-killed")[-1].startswith("marked 1 stale run KILLED")
+        killed = client.get_run(pids[str(doomed.pid)])
+        assert killed.info.status == "KILLED" and killed.data.tags["metalab.error"].startswith("stale: process")
+        assert client.get_run(pids[str(live.pid)]).info.status == "RUNNING"
+        assert metalab("--stale") == [f"no stale runs in sqlite:///{tmp_path}/mlflow.db"]
+    finally:
+        for process in (doomed, live):
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+
+
+def test_a_run_elsewhere_is_stale_once_its_heartbeat_is_older_than_the_threshold(tmp_path: Path) -> None:
+    """Another host's process cannot be asked: its heartbeat's age decides (a run without one: its start)."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("elsewhere")
+    beats = {"quiet": timedelta(minutes=30), "recent": timedelta(minutes=1)}
+    ids = {}
+    for name, age in beats.items():
+        ids[name] = client.create_run(experiment, run_name=name, tags={
+            HOST_TAG: "node-that-is-not-here", PID_TAG: "1",
+            HEARTBEAT_TAG: (datetime.now(UTC) - age).isoformat(timespec="seconds")}).info.run_id
+    runs = {run.name: run for run in find_runs(RunStore(f"sqlite:///{tmp_path}/mlflow.db"), ["elsewhere"])}
+    assert runs["quiet"].stale and runs["quiet"].reason == "last heartbeat 30 min ago (host node-that-is-not-here)"
+    assert not runs["recent"].stale
+    assert not any(run.stale for run in find_runs(RunStore(f"sqlite:///{tmp_path}/mlflow.db"), ["elsewhere"],
+                                                   stale_after=timedelta(hours=1)))
+    with pytest.raises(ConfigError, match="no experiment named nowhere"):
+        find_runs(RunStore(f"sqlite:///{tmp_path}/mlflow.db"), ["nowhere"])
 
 
 @pytest.mark.slow  # ~90 s on 2 cores: run by `make test-slow` (.ci/run runs it after `make test`)

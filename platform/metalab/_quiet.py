@@ -2,6 +2,7 @@
 
 import logging
 import logging.handlers
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,12 +32,14 @@ _LIGHTNING_CHATTER = (
     "LOCAL_RANK: ",  # "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]", likewise (the header names the GPU)
     "`Trainer.fit` stopped: `max_steps=",  # the progress bar shows k/k meta-iterations
     "`Trainer(val_check_interval=1)` was configured",  # short runs' scaled default (metalab.validation): intended
+    "Received SIGTERM:",  # "[rank: 0] Received SIGTERM: 15": train.py's "metalab: stopped: SIGTERM at step …" says it
 )
 
 
 class _DropLightningChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_LIGHTNING_CHATTER)
+        message = re.sub(r"^\[rank: \d+\] ", "", str(record.msg))  # rank_prefixed_message's "[rank: 0] "
+        return not message.startswith(_LIGHTNING_CHATTER)
 
 
 def quiet_lightning() -> None:
@@ -50,7 +53,7 @@ def quiet_lightning() -> None:
     from lightning_fabric.utilities.warnings import PossibleUserWarning  # here: `import metalab` stays light
 
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
-                 "pytorch_lightning.accelerators.cuda"):
+                 "pytorch_lightning.accelerators.cuda", "pytorch_lightning.trainer.connectors.signal_connector"):
         logging.getLogger(name).addFilter(_DropLightningChatter())
     # MLflow announces creating/upgrading a fresh SQLite store at INFO; its warnings and errors still show.
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):

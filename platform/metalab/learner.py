@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from metalab.algorithms.base import Context, MetaAlgorithm
 from metalab.errors import ConfigError
 from metalab.figures import TEST_EPISODE, episode_grid, shows_images
-from metalab.reliability import DivergenceError
+from metalab.reliability import DivergenceError, kept_checkpoint, non_finite
 from metalab.runner import TaskRunner
 from metalab.stats import mean_and_ci95
 from metalab.tasks.base import Problem
@@ -100,8 +100,8 @@ class MetaLearner(pl.LightningModule):
                 predictions, meta_loss = self.runner.meta_loss(self.algorithm, tasks, context, agree=self._agree)
         if not torch.isfinite(meta_loss):  # one scalar check per step: stop at the first bad step
             raise DivergenceError(f"meta_train/loss is {meta_loss.item()} at step {self.global_step}: training "
-                                  "diverged; lower optimizer.lr or algorithm.inner_lr (last.ckpt holds the last "
-                                  "good state)")
+                                  "diverged; lower optimizer.lr or algorithm.inner_lr; "
+                                  f"{kept_checkpoint(self._trainer)}")
         if self._writes_step_metrics():
             self.log("meta_train/loss", meta_loss.detach(), batch_size=len(tasks))
             if self.classification:
@@ -139,6 +139,14 @@ class MetaLearner(pl.LightningModule):
                 tags["metalab.backend_probe"] = ", ".join(f"{name} {outcome}"  # "loop 12.3 ms, vmap failed: …"
                                                           for name, outcome in self.runner.probe.items())
             report(self.logger, tags=tags)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write non-finite weights: the newest checkpoint stays the last good state to resume from."""
+        name = non_finite(checkpoint)
+        if name is not None:
+            raise DivergenceError(f"{name} is not finite after the update of step {self.global_step - 1}: training "
+                                  "diverged; lower optimizer.lr or algorithm.inner_lr; "
+                                  f"{kept_checkpoint(self._trainer)}")
 
     def on_fit_end(self) -> None:
         """Record what the algorithm learned besides the initialisation (e.g. Meta-SGD's learning rates)."""

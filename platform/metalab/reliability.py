@@ -1,23 +1,68 @@
-"""Guards that stop a run early and clearly: divergence, interrupts (an unreachable tracking store:
-``metalab.tracking.uri.require_reachable``)."""
+"""Guards that stop a run early and clearly: divergence, interrupts, termination (an unreachable tracking store:
+``metalab.tracking.uri.require_reachable``; a run whose process died: ``metalab.tracking.liveness``)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Checkpoint
+import torch
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended: SLURM and submitit see a job that was stopped,
+# not one that finished (Lightning's own SIGTERM exit is status 0).
+TERMINATED_EXIT_CODE = 143
+LAST = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}.ckpt"  # what resume= continues from
 
 
 class DivergenceError(RuntimeError):
-    """The meta-training loss became NaN or infinite."""
+    """The meta-training loss, or a weight saved in a checkpoint, became NaN or infinite."""
+
+
+class Terminated(SystemExit):
+    """The job got SIGTERM (SLURM preemption, ``scancel``, ``kill``) and stopped after a meta-iteration.
+
+    Exits with :data:`TERMINATED_EXIT_CODE`; ``str()`` says at which step and where the checkpoint is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(TERMINATED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def after(cls, trainer: pl.Trainer, run_id: str | None) -> Terminated:
+        """What Lightning's SIGTERMException left: the step, and the checkpoint to continue from (the one
+        :class:`InterruptCheckpoint` took, or after training the final ``last.ckpt``)."""
+        saved = next((c.saved for c in trainer.callbacks if isinstance(c, InterruptCheckpoint) and c.saved), None)
+        callback = trainer.checkpoint_callback
+        final = Path(callback.dirpath, LAST) if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
+        if saved is None and final is not None and final.is_file():
+            saved = str(final)
+        where = (f"checkpoint {saved}" + (f"; continue with resume={run_id}" if run_id else "")
+                 if saved else "no checkpoint to continue from")
+        return cls(f"SIGTERM at step {trainer.global_step} (preemption, scancel or kill): {where}")
 
 
 class InterruptCheckpoint(Checkpoint):
-    """On Ctrl-C (SIGINT), save ``interrupted.ckpt`` beside the others, so nothing trained is lost.
+    """Save the state at an interrupt, beside the other checkpoints, so nothing trained is lost.
 
-    Only interrupts: after a divergence the weights are NaN, and ``last.ckpt`` (the last good state)
-    must stay the newest checkpoint worth resuming from.
+    - Ctrl-C (SIGINT): ``interrupted.ckpt``. The KeyboardInterrupt lands anywhere in a step (mid-update,
+      say), so it is kept apart from ``last.ckpt``, which ``resume=`` continues from.
+    - SIGTERM (what SLURM sends on preemption): ``last.ckpt``, so ``resume=`` (and ``resume=auto`` in a
+      requeued job) continues from the signal's step. Lightning's signal handler only sets a flag; its loops
+      raise SIGTERMException after the meta-iteration, so the state is whole. A validation under way is
+      finished first: Lightning would stop it after its current batch and, resumed, not redo it (that step's
+      ``meta_val/*`` would be missing); the state is saved at once all the same, in case the grace time
+      (SLURM's ``KillWait``) ends before the validation does.
+
+    Only interrupts: after a divergence the weights may be NaN, and the newest checkpoint (weights checked
+    finite when written, :func:`non_finite`) must stay the last good state.
 
     Not Lightning's ``OnExceptionCheckpoint``: with one of those, ``fit(ckpt_path=None)`` means "continue from
     the newest checkpoint in the folder" (and warns on every fresh run that there is none). A run continues
@@ -26,11 +71,82 @@ class InterruptCheckpoint(Checkpoint):
 
     def __init__(self, dirpath: Path) -> None:
         self.ckpt_path = str(Path(dirpath) / "interrupted.ckpt")
+        self.last_path = str(Path(dirpath) / LAST)
+        self.saved: str | None = None  # the checkpoint the SIGTERM left
+        self._held_sigterm = False  # a SIGTERM kept from Lightning until the validation ends
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.received_sigterm and trainer.state.fn == TrainerFn.FITTING and not self._held_sigterm:
+            self._save_last(trainer)
+            trainer._signal_connector.received_sigterm = False  # Lightning's loops read this flag after each batch
+            self._held_sigterm = True
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._held_sigterm:
+            trainer._signal_connector.received_sigterm = True  # Lightning stops after this meta-iteration
+            self._held_sigterm = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
-            trainer.save_checkpoint(self.ckpt_path)
+            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        elif isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:  # testing: it is final
+            self._save_last(trainer)
+
+    def _save_last(self, trainer: pl.Trainer) -> None:
+        loop = trainer.fit_loop.epoch_loop
+        # After a meta-iteration's end, Lightning has counted its logging step; a checkpoint saved at a validation's
+        # end has not (and resuming adds it, see validation.ValidateAtEnd): save it as one of those, so a resumed
+        # run logs its next step at the right index.
+        counted = not trainer.validating
+        loop._batches_that_stepped -= counted
+        try:
+            trainer.save_checkpoint(self.last_path, weights_only=False)
+        finally:
+            loop._batches_that_stepped += counted
+        self.saved = self.last_path
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and Path(callback.dirpath or "", LAST) == Path(self.last_path):
+                callback.last_model_path = self.last_path  # its own: else it would save its next one as last-v1.ckpt
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """A run that ends normally (a resumed one too) leaves no stale ``interrupted.ckpt``."""
         trainer.strategy.remove_checkpoint(self.ckpt_path)
+
+
+def non_finite(checkpoint: dict[str, Any]) -> str | None:
+    """The name of the first weight, buffer or optimiser state in ``checkpoint`` holding NaN or ±inf; ``None``
+    if all are finite (one device sync for the lot)."""
+    named = [(name, t) for name, t in _tensors(checkpoint.get("state_dict", {}), "")] + \
+            [(name, t) for name, t in _tensors(checkpoint.get("optimizer_states", []), "optimizer state ")]
+    named = [(name, t) for name, t in named if t.is_floating_point() or t.is_complex()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).cpu()
+    return next((name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok), None)
+
+
+def _tensors(value: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        yield prefix.rstrip("."), value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{prefix}{key}.")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{prefix}{index}.")
+
+
+def kept_checkpoint(trainer: pl.Trainer | None) -> str:
+    """What a run that diverged leaves to continue from, read from disk: ``the last finite weights are in
+    /…/last.ckpt (step 12)`` or ``no checkpoint was saved before it``."""
+    callback = trainer.checkpoint_callback if trainer is not None else None
+    if not isinstance(callback, ModelCheckpoint):
+        return "no checkpoint was saved before it (no checkpoint callback)"
+    candidates = [Path(p) for p in (callback.last_model_path, callback.best_model_path) if p]
+    if callback.dirpath:
+        candidates.insert(0, Path(callback.dirpath) / LAST)  # also when a resumed run has saved none yet
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return "no checkpoint was saved before it"
+    step = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+    return f"the last finite weights are in {path} (step {step})"

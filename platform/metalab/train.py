@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from metalab._quiet import held_back_trainer_banner, quiet_lightning
@@ -30,10 +31,12 @@ from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, DataMissingError
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
 from metalab.progress import MetaProgressBar
+from metalab.reliability import Terminated
 from metalab.resume import plan_resume
 from metalab.sweep import check_objective, job_failed
 from metalab.tasks.base import TaskFamily
 from metalab.tracking.base import RunInfo, Tracking
+from metalab.tracking.liveness import Heartbeat
 from metalab.tracking.sweeps import current_sweep, job_label
 from metalab.validation import ValidateAtEnd, val_check_interval
 
@@ -86,9 +89,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics |= trainer.test(learner, datamodule=task, verbose=False)[0]
         check_objective(cfg.objective, metrics)  # a search's trial without one fails
     except BaseException as error:
+        if isinstance(error, SIGTERMException):  # Lightning's: it stopped after a step (its exit status would be 0)
+            error = Terminated.after(trainer, tracking.run_id)
         # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
         interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
         tracking.finish("KILLED" if interrupted else "FAILED", error)
+        if isinstance(error, Terminated):
+            if rank == 0:
+                print(f"metalab: stopped: {error}", file=sys.stderr, flush=True)
+            raise error from None
         raise
     tracking.finish("FINISHED")
     if rank == 0:
@@ -124,7 +133,7 @@ def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     resumed run's own folder); the logger comes later."""
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
-    callbacks = [*(instantiate(callback) for callback in cfg.callbacks.values()), ValidateAtEnd()]
+    callbacks = [*(instantiate(callback) for callback in cfg.callbacks.values()), ValidateAtEnd(), Heartbeat()]
     if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(MetaProgressBar())  # meta-iterations k/max_steps, not Lightning's "Epoch 0/-2"
     interval = val_check_interval(cfg.trainer.max_steps, cfg.trainer.val_check_interval)  # null: scaled to max_steps

@@ -70,5 +70,9 @@ class ImageFolder(ImageClassFamily):
             classes = [(name, sorted(file for file in (self.root / name).iterdir()
                                      if file.suffix.lower() in IMAGE_SUFFIXES))
                        for name in self.classes_by_split()[split]]
+            empty = next((name for name, files in classes if not files), None)
+            if empty is not None:  # said here: the episode check would suggest fewer shots, which cannot help
+                raise ConfigError(f"class folder {self.root / empty} has no images ({', '.join(IMAGE_SUFFIXES)}): add "
+                                  f"images to it or remove {empty!r} from the {split} list of {self.split_file}")
             self._splits[split] = stack_classes(classes, self.image_size, "L" if self.channels == 1 else "RGB")
         return self._splits[split]

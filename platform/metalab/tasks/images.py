@@ -122,7 +122,12 @@ class ImageClassFamily(TaskFamily):
         if classes < ways:
             raise ConfigError(f"task.{ways_key}={ways} but the {split} split of {self.name} has only {classes} "
                               f"classes: lower task.{ways_key}")
-        fewest = int(data.samples_per_class().min())
+        counts = data.samples_per_class()
+        fewest = int(counts.min())
+        if fewest == 0:  # fewer shots cannot help
+            empty = data.class_names[int(counts.argmin())]
+            raise ConfigError(f"class {empty!r} of the {split} split of {self.name} has no images: add images to it "
+                              "or remove it from the split")
         if fewest < shots + queries:
             raise ConfigError(f"task.{shots_key} + task.{queries_key} = {shots + queries} but a {split} class of "
                               f"{self.name} has only {fewest} images: lower task.{shots_key} or task.{queries_key}")

@@ -7,6 +7,7 @@
   tags, figures and metrics.
 - ``sweeps``: a Hydra multirun as a parent run (wired to Hydra by ``metalab.sweep``).
 - ``runs``: reading runs back and annotating them (``metalab compare``, ``metalab reproduce``).
+- ``liveness``: a run's host, pid and heartbeat tags, and which RUNNING runs are stale (``metalab runs``).
 """
 
 from metalab.tracking.base import Tracking

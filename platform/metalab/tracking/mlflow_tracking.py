@@ -115,6 +115,8 @@ class MLflowTracking(Tracking):
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "metalab.resumed_from", str(checkpoint))
+        if "metalab.error" in run.data.tags:  # why it stopped before; the continued run sets its own, if any
+            self.client.delete_tag(run_id, "metalab.error")
         # Steps logged after the checkpoint (before the run died) are not logged twice.
         logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
         self._monitor_system(resume=True)
