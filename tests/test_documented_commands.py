@@ -95,6 +95,7 @@ CHECKS: dict[str, Check] = {
     "metalab reproduce maml_kanji_5w1s": Check(extra=("--budget", "smoke"), runs=1, shows="plumbing ok", slow=True),
     "metalab reproduce all --budget smoke": Check(shows="| maml_kanji_5w1s |", slow=True),
     "metalab reproduce all --from-mlflow --out table.md": Check(shows="| maml_omniglot_5w1s |", slow=True),
+    "metalab runs --stale": Check(before=("metalab-train debug=smoke",), runs=1, shows="no stale runs"),
     "make lint": Check(shows="All checks passed"),
     "make test-slow": Check("dry", shows="pytest -m slow"),
     "make test-all": Check("dry", shows="pytest"),
