@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from metalab import compare, reproduce
+from metalab import compare, reproduce, sync
 from metalab._quiet import quiet_lightning
 from metalab.errors import one_line
 
@@ -17,13 +17,14 @@ def main(argv: list[str] | None = None) -> None:
     verbs = parser.add_subparsers(dest="verb", required=True)
     compare.add_arguments(verbs.add_parser("compare", help="table and plots of a metric across runs"))
     reproduce.add_arguments(verbs.add_parser("reproduce", help="run a paper's preset and state the gap to its number"))
+    sync.add_arguments(verbs.add_parser("sync", help="store what a run left pending while its tracking store was down"))
     arguments, extra = parser.parse_known_args(argv)
     if arguments.verb == "reproduce" and all("=" in arg and not arg.startswith("-") for arg in extra):
         arguments.overrides += extra  # Hydra overrides may follow the options: reproduce NAME --budget smoke a=b
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        {"compare": compare.run, "reproduce": reproduce.run}[arguments.verb](arguments)
+        {"compare": compare.run, "reproduce": reproduce.run, "sync": sync.run}[arguments.verb](arguments)
     except Exception as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
