@@ -24,9 +24,12 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from pytorch_lightning import Callback, Trainer
 
 from metalab.cli import main
+from metalab.tracking import MLflowTracking
+from metalab.tracking.base import RunInfo
 from metalab.tracking.client import experiment_id
 from metalab.tracking.outbox import HTTP_DEFAULTS
 from metalab.tracking.pending import PENDING_ARTIFACTS, PENDING_FILE, PendingFile, PendingInUse
@@ -187,6 +190,7 @@ def lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # ~2.5 min on 2 busy cores, mostly the server's start and restart: `make test-slow` (CI runs it)
 def test_a_server_back_before_the_end_receives_every_record_and_the_run_finishes(server: Server,
                                                                                   outage: Outage) -> None:
     back = outage.back
@@ -203,6 +207,7 @@ def test_a_server_back_before_the_end_receives_every_record_and_the_run_finishes
     assert not (back.output_dir() / PENDING_FILE).exists() and not (back.output_dir() / PENDING_ARTIFACTS).exists()
 
 
+@pytest.mark.slow  # shares the outage above: ~30 s more
 def test_a_server_down_at_the_end_leaves_the_records_for_metalab_sync(server: Server, outage: Outage) -> None:
     down, output_dir = outage.down, outage.down.output_dir()
     assert down.process.returncode == 0, down.stderr[-3000:]  # training and test completed
@@ -296,3 +301,24 @@ def test_sync_of_a_folder_a_run_still_holds_is_refused(tmp_path: Path, capsys: p
                                        "run still going, or a `metalab sync` of it): wait for it to end\n")
     held.close(0)
     assert not (tmp_path / PENDING_FILE).exists()
+
+
+def test_a_resumed_run_first_stores_what_its_killed_process_left_pending(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = MLflowTracking(uri)
+    first.start(OmegaConf.create({"seed": 0}), RunInfo("outage", "maml-outage", tmp_path / "out", {}, [])
+                ).log_metrics({"meta_train/loss": 2.0}, step=10)
+    first.finish("KILLED")
+    records = PendingFile(tmp_path / "out")  # what a process killed during an outage leaves
+    records.append({"uri": uri, "run": first.run_id, "metrics": [["meta_train/loss", 1.0, 5000, 30]]})
+    records.close(0)
+    (tmp_path / "out" / "checkpoints").mkdir()
+    (tmp_path / "out" / "checkpoints" / "last.ckpt").touch()
+    second = MLflowTracking(uri)
+    logger = second.resume(first.run_id)
+    assert logger.logged_steps == {"meta_train/loss": 30}  # a step the resumed run must not log again
+    client = MlflowClient(uri)
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "meta_train/loss")) == [10, 30]
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    second.finish("FINISHED")
+    assert client.get_run(first.run_id).info.status == "FINISHED" and not (tmp_path / "out" / PENDING_FILE).exists()
