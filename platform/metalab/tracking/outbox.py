@@ -118,9 +118,10 @@ class Outbox:
                                                         f"{left} records in {self.file.path}: run {command}")
             except Exception:  # the line below says it all the same
                 pass
-        say(f"warning: {store_name(self.tracking_uri)} did not take the run's last records within {self.wait_s:g} s "
-            f"({self._down}): {left} records wait in {self.file.path} and the run stays RUNNING there; send them "
-            f"with `{command}` once it answers")
+        why = f" ({self._down})" if self._down else ""
+        say(f"warning: {store_name(self.tracking_uri)} did not take the run's last records within {self.wait_s:g} s"
+            f"{why}: {left} records wait in {self.file.path} and the run stays RUNNING there; send them with "
+            f"`{command}` once it answers")
 
     def _run(self) -> None:
         while True:

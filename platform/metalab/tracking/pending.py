@@ -80,13 +80,14 @@ class PendingFile:
 
     def read(self, offset: int) -> list[tuple[int, Record]]:
         """The records from ``offset`` on (up to :data:`READ_LINES`), each with the offset just past it."""
+        lines: list[bytes] = []
         with self._lock:
             self._file.seek(offset)
-            lines = [self._file.readline() for _ in range(READ_LINES)]
+            # Up to the end, or to a line cut off when a process was killed mid-write.
+            while len(lines) < READ_LINES and (line := self._file.readline()).endswith(b"\n"):
+                lines.append(line)
         records = []
         for line in lines:
-            if not line.endswith(b"\n"):  # the end (or a line cut off when a process was killed mid-write)
-                break
             try:
                 records.append((offset + len(line), json.loads(line)))
             except ValueError:
@@ -134,7 +135,8 @@ class PendingFile:
 
     def _delete_stored(self) -> None:
         for path in self._stored:
-            shutil.rmtree(path.parent, ignore_errors=True)  # each copy has a folder of its own (outbox.py)
+            if path.parent.parent.resolve() == self.artifacts.resolve():  # a copy the outbox made, in its own folder
+                shutil.rmtree(path.parent, ignore_errors=True)
         self._stored = []
 
 
