@@ -190,7 +190,7 @@ def lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-@pytest.mark.slow  # ~2.5 min on 2 busy cores, mostly the server's start and restart: `make test-slow` (CI runs it)
+@pytest.mark.slow  # ~2 min on 2 cores (3 when busy), mostly the server starting twice: `make test-slow` (CI runs it)
 def test_a_server_back_before_the_end_receives_every_record_and_the_run_finishes(server: Server,
                                                                                   outage: Outage) -> None:
     back = outage.back
