@@ -76,7 +76,7 @@ def test_a_run_without_overrides_holds_an_empty_overrides_list(tracked_run, tmp_
 def test_a_resumed_run_s_curve_holds_the_validations_from_before_the_resume(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     drawn: list[dict[str, dict[int, float]]] = []
-    monkeypatch.setattr("metalab.tracking.mlflow_tracking.validation_curve", drawn.append)  # draws nothing
+    monkeypatch.setattr("metalab.tracking.pending.validation_curve", drawn.append)  # draws nothing
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     first = MLflowTracking(uri)
     first.start(OmegaConf.create({"seed": 0}), RunInfo("sinusoid", "maml-sinusoid", tmp_path / "out", {}, [])

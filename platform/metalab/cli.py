@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from metalab import compare, reproduce, runs
+from metalab import compare, reproduce, runs, sync
 from metalab._quiet import quiet_lightning
 from metalab.errors import one_line
 
@@ -18,13 +18,15 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_arguments(verbs.add_parser("compare", help="table and plots of a metric across runs"))
     reproduce.add_arguments(verbs.add_parser("reproduce", help="run a paper's preset and state the gap to its number"))
     runs.add_arguments(verbs.add_parser("runs", help="running runs, live or stale (process gone); --mark-killed"))
+    sync.add_arguments(verbs.add_parser("sync", help="store what a run left pending while its tracking store was down"))
     arguments, extra = parser.parse_known_args(argv)
     if arguments.verb == "reproduce" and all("=" in arg and not arg.startswith("-") for arg in extra):
         arguments.overrides += extra  # Hydra overrides may follow the options: reproduce NAME --budget smoke a=b
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        {"compare": compare.run, "reproduce": reproduce.run, "runs": runs.run}[arguments.verb](arguments)
+        verb = {"compare": compare.run, "reproduce": reproduce.run, "runs": runs.run, "sync": sync.run}
+        verb[arguments.verb](arguments)
     except Exception as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -12,6 +12,7 @@ from typing import Any
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 from mlflow.entities import RunTag
+from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
 from pytorch_lightning.loggers import Logger, MLFlowLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
@@ -22,11 +23,25 @@ from metalab.tracking.client import fit_tags
 class MLflowRunLogger(MLFlowLogger):
     """Lightning's MLflow logger for a run metalab opened (``run_id=``), which also records tags and figures.
 
+    ``client``: the ``MlflowClient`` it writes with (``MLflowTracking`` gives its outbox's, whose writes never
+    block a step; :mod:`metalab.tracking.outbox`), with the run's ``experiment_id``; default: Lightning's own.
+    The run's status is ``MLflowTracking.finish``'s: Lightning's ``finalize`` would end the run between fit and test.
+
     Example:
         logger = MLflowRunLogger(tracking_uri="sqlite:///runs.db", run_id=run.info.run_id)
         logger.log_tags({"metalab.backend": "vmap"})
         logger.log_figure(figure, "inner_loop.png")  # stored as an artifact of the run; figure closed
     """
+
+    def __init__(self, *, client: MlflowClient | None = None, experiment_id: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if client is not None:  # set up: no read of the run on first use, which an outage would fail
+            self._mlflow_client, self._experiment_id, self._initialized = client, experiment_id, True
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Nothing: the run ends in ``MLflowTracking.finish``, after the test."""
 
     @rank_zero_only
     def log_tags(self, tags: dict[str, str]) -> None:

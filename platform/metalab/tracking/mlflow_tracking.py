@@ -15,12 +15,13 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 from omegaconf import DictConfig, OmegaConf
 
 from metalab.errors import ConfigError, one_line
-from metalab.figures import VALIDATION_CURVE, validation_curve
 from metalab.tracking.base import RunInfo, Tracking
-from metalab.tracking.client import experiment_id, fit_tags, flush, source_tags
+from metalab.tracking.client import experiment_id, fit_tags, source_tags
 from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
 from metalab.tracking.data import log_data
 from metalab.tracking.logger import MLflowRunLogger, ResumedMLFlowLogger
+from metalab.tracking.outbox import Outbox, system_monitor
+from metalab.tracking.pending import finish_run
 from metalab.tracking.sweeps import current_sweep
 from metalab.tracking.uri import DEFAULT_TRACKING_URI, require_reachable, ui_page
 
@@ -50,19 +51,25 @@ class MLflowTracking(Tracking):
     (MLflow's default: 10). When the run ends it draws its ``meta_val/*`` history as
     ``figures/validation_curve.png`` (:mod:`metalab.figures`). Its experiment is marked as a model-training one
     and, on a SQLite store, keeps its artifacts in ``mlruns`` beside the database (:func:`~.client.experiment_id`).
+    Once the run is open its writes go through an outbox (:mod:`metalab.tracking.outbox`): a store that stops
+    answering never blocks or fails the run, and what it did not take waits in ``<output dir>/mlflow_pending.jsonl``.
 
     Arguments:
         tracking_uri: where runs go; the config default is ``$MLFLOW_TRACKING_URI``, else ``DEFAULT_TRACKING_URI``
             (``metalab.tracking.uri``).
         experiment_name: ``None`` = the task family's name, so runs compare across algorithms by design.
         run_name: ``None`` = ``<algorithm>-<task>-<time>``, in a sweep ``<algorithm>-<task>-<swept values>-#<job>``.
+        outage_wait_s: how long the end of a run waits for a store that does not take its records before leaving
+            them in ``mlflow_pending.jsonl`` (the run then stays RUNNING in the store).
     """
 
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str | None = None,
-                 run_name: str | None = None) -> None:
+                 run_name: str | None = None, outage_wait_s: float = 30.0) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
+        self.outage_wait_s = outage_wait_s
+        self.outbox: Outbox | None = None  # the open run's
         self.run_id: str | None = None
         self.experiment_id: str | None = None  # the open run's
         self._system_metrics: Any = None  # MLflow's SystemMetricsMonitor of the open run, if it runs
@@ -90,11 +97,12 @@ class MLflowTracking(Tracking):
         self._log_config(cfg, info)
         if info.data:
             log_data(self.client, self.run_id, info.data)
-        self._monitor_system()
         info.output_dir.mkdir(parents=True, exist_ok=True)
+        self._open_outbox(info.output_dir)
+        self._monitor_system()
         (info.output_dir / RUN_ID_FILE).write_text(f"{self.run_id}\n")  # for resume=auto after a requeue
-        # Asynchronous: a metric write never blocks a training step (flushed in finish()).
-        return MLflowRunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, synchronous=False)
+        return MLflowRunLogger(tracking_uri=self.tracking_uri, run_id=self.run_id, client=self.client,
+                               experiment_id=self.experiment_id)
 
     def locate(self, run_id: str) -> tuple[Path, Path]:
         require_reachable(self.tracking_uri)
@@ -110,9 +118,10 @@ class MLflowTracking(Tracking):
         return Path(run.data.tags["metalab.output_dir"]), checkpoint
 
     def resume(self, run_id: str) -> ResumedMLFlowLogger:
-        _, checkpoint = self.locate(run_id)
+        output_dir, checkpoint = self.locate(run_id)
         run = self.client.get_run(run_id)
         self.run_id, self.experiment_id = run_id, run.info.experiment_id
+        self._open_outbox(output_dir)  # first stores what a process before left pending, so steps count right
         self.client.update_run(run_id, status="RUNNING")
         self.client.set_tag(run_id, "metalab.resumed_from", str(checkpoint))
         if "metalab.error" in run.data.tags:  # why it stopped before; the continued run sets its own, if any
@@ -120,7 +129,8 @@ class MLflowTracking(Tracking):
         # Steps logged after the checkpoint (before the run died) are not logged twice.
         logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
         self._monitor_system(resume=True)
-        return ResumedMLFlowLogger(logged, tracking_uri=self.tracking_uri, run_id=run_id, synchronous=False)
+        return ResumedMLFlowLogger(logged, tracking_uri=self.tracking_uri, run_id=run_id, client=self.client,
+                                   experiment_id=self.experiment_id)
 
     def run_begun_in(self, output_dir: Path) -> str | None:
         """The id ``start`` wrote into ``output_dir``, if its run saved a checkpoint to continue from."""
@@ -136,6 +146,11 @@ class MLflowTracking(Tracking):
         for key, value in fit_tags(tags).items():
             self.client.set_tag(self.run_id, key, value)
 
+    def _open_outbox(self, output_dir: Path) -> None:
+        """From here on the run's writes (metrics, tags, figures, its end) go through its outbox."""
+        self.outbox = Outbox(self.tracking_uri, self.run_id, output_dir, self.outage_wait_s)
+        self.client = self.outbox.client
+
     def _monitor_system(self, resume: bool = False) -> None:
         """Start MLflow's system-metrics thread on the open run (``resume``: continuing its steps).
 
@@ -143,13 +158,12 @@ class MLflowTracking(Tracking):
         this run was created with the client, so the monitor is started on its id. The monitor needs
         ``psutil``, an optional dependency of MLflow: without it the tag says so and the run goes on.
         """
-        try:  # imported here: the module imports psutil at import time
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # the tag says what runs, once
+        try:
+            monitor = system_monitor(self.client, self.run_id, resume, self.tracking_uri)
         except ImportError as error:
             self.set_tags({SYSTEM_METRICS_TAG: f"off: {error.name} is not installed (pip install {error.name})"})
             return
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # the tag says what runs, once
-        monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.tracking_uri)
         monitor.start()
         self._system_metrics = monitor
         kinds = [type(m).__name__.removesuffix("Monitor").lower().replace("cpu", "cpu, memory")
@@ -181,17 +195,6 @@ class MLflowTracking(Tracking):
         if hydra_dir.is_dir():
             self.client.log_artifacts(self.run_id, str(hydra_dir), "config/hydra")
 
-    def _log_validation_curve(self) -> None:
-        """Draw the run's whole ``meta_val/*`` history (a resumed run's earlier validations included) as
-        :data:`~metalab.figures.VALIDATION_CURVE`; nothing if it never validated."""
-        names = [name for name in self.client.get_run(self.run_id).data.metrics if name.startswith("meta_val/")]
-        history = {name.removeprefix("meta_val/"): {metric.step: metric.value for metric in
-                                                    self.client.get_metric_history(self.run_id, name)}
-                   for name in names}
-        figure = validation_curve(history)
-        if figure is not None:
-            self.client.log_figure(self.run_id, figure, VALIDATION_CURVE)
-
     def finish(self, status: str, error: BaseException | None = None) -> None:
         if self.run_id is None:
             if current_sweep() is None:
@@ -204,9 +207,10 @@ class MLflowTracking(Tracking):
         if self._system_metrics is not None:
             self._system_metrics.finish()  # stops the thread and stores its last samples
             self._system_metrics = None
-        flush(self.client)  # every metric logged so far is stored before the status changes
-        self._log_validation_curve()
         if error is not None:
             self.set_tags({"metalab.error": one_line(error)})
-        self.client.set_terminated(self.run_id, status)
+        if self.outbox is not None:  # the validation curve and the status, once the store holds every record
+            self.outbox.close(status)
+        else:  # a sweep job that failed before its run opened
+            finish_run(self.client, self.run_id, status)
 
