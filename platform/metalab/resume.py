@@ -25,10 +25,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import hashlib
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +37,6 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
-from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import Callback
 
@@ -51,6 +45,7 @@ from metalab.config import DEFAULT_RESUME_ALLOW, config_dir
 from metalab.errors import ConfigError
 from metalab.tracking.base import Tracking
 from metalab.tracking.config_hash import CONFIG_HASH_TAG, NOT_SCIENCE
+from metalab.tracking.recorded import read_artifact_text, run_client
 
 RESUME_CHANGES_TAG = "metalab.resume_changes"
 RECORDED_CONFIG = "config/config.yaml"  # written by MLflowTracking._log_config when the run starts
@@ -125,7 +120,7 @@ class ResumePlan:
         # The run no longer computed one config: its hash must not match a fresh run's of either config.
         digest = hashlib.sha256(f"{self.tags.get(CONFIG_HASH_TAG, '')}\n{self.describe()}".encode()).hexdigest()
         tracking.set_tags({RESUME_CHANGES_TAG: changes, CONFIG_HASH_TAG: digest})
-        _client(tracking).log_text(self.run_id, OmegaConf.to_yaml(self.config), RESUMED_CONFIG)
+        run_client(tracking).log_text(self.run_id, OmegaConf.to_yaml(self.config), RESUMED_CONFIG)
 
 
 def plan_resume(cfg: DictConfig, tracking: Tracking, run_id: str) -> ResumePlan:
@@ -138,7 +133,7 @@ def plan_resume(cfg: DictConfig, tracking: Tracking, run_id: str) -> ResumePlan:
     what = f"resume={cfg.resume}" + (f" (run {run_id})" if cfg.resume != run_id else "")
     output_dir, checkpoint_path = tracking.locate(run_id)
     checkpoint = check_resumable(checkpoint_path, what)
-    client = _client(tracking)
+    client = run_client(tracking)
     recorded = recorded_config(client, run_id, what)
     given = resolved(cfg, output_dir)
     baseline = resolved(default_config(), output_dir)
@@ -160,37 +155,14 @@ def plan_resume(cfg: DictConfig, tracking: Tracking, run_id: str) -> ResumePlan:
                       OmegaConf.create(config), changes, dict(client.get_run(run_id).data.tags))
 
 
-def _client(tracking: Tracking) -> MlflowClient:
-    client = getattr(tracking, "client", None)
-    if not isinstance(client, MlflowClient):  # locate() already refuses a back-end without runs
-        raise ConfigError("resume needs tracking=mlflow (the run, its config and its checkpoint are found there)")
-    return client
-
-
-def recorded_config(client: MlflowClient, run_id: str, what: str) -> dict[str, Any]:
+def recorded_config(client: Any, run_id: str, what: str) -> dict[str, Any]:
     """The config run ``run_id`` is running with: the latest resume's, else the one it started with."""
-    stored = {info.path for info in client.list_artifacts(run_id, "config")}
     for path in (RESUMED_CONFIG, RECORDED_CONFIG):
-        if path in stored:
-            with tempfile.TemporaryDirectory() as folder, quiet_download():
-                local = client.download_artifacts(run_id, path, folder)
-                return OmegaConf.to_container(OmegaConf.load(local))
+        text = read_artifact_text(client, run_id, path)
+        if text is not None:
+            return OmegaConf.to_container(OmegaConf.create(text))
     raise ConfigError(f"{what}: the run has no recorded config (artifact {RECORDED_CONFIG}), so a resume cannot "
                       "keep its settings: start a new run")
-
-
-@contextmanager
-def quiet_download() -> Iterator[None]:
-    """No MLflow download progress bar on the terminal (a refused resume prints its one line alone)."""
-    previous = os.environ.get(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name)
-    os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name]
-        else:
-            os.environ[MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name] = previous
 
 
 def resolved(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:

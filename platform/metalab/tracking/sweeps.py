@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from metalab.tracking.client import experiment_id, fit_tags, source_tags
 from metalab.tracking.uri import require_reachable
@@ -72,7 +73,9 @@ def job_label(sweep: Sweep | None, skip: Collection[str] = ()) -> str:
     label = "-".join(values)
     if len(label) > LABEL_LENGTH:
         label = label[:LABEL_LENGTH - 1] + "…"
-    return f"{label}-#{job.job.num}" if label else f"#{job.job.num}"
+    number = OmegaConf.select(job, "job.num", default=None)  # unset where a job is composed outside a launcher
+    parts = [label] if label else []
+    return "-".join([*parts, f"#{number}"] if number is not None else parts) or "job"
 
 
 def _short(value: Any) -> str:
