@@ -182,3 +182,13 @@ def test_config_hash_ignores_where_a_run_writes_and_displays_only(job, tmp_path:
                            f"tracking.tracking_uri=sqlite:///{tmp_path}/other.db")) == base
     assert config_hash(job("debug=plumbing", "seed=1")) != base
     assert config_hash(job("debug=plumbing", "task.eval_batch_size=1")) != base
+
+
+def test_a_sweep_preset_without_its_data_is_no_data(tmp_path: Path) -> None:
+    """A sweep preset's process exits 0 when its jobs fail: the row still says why, as a single run's would."""
+    result = reproduce_cli(["maml_pp_ablation_omniglot_20w1s", "--budget", "smoke", "task.root=/nonexistent/omniglot"],
+                           tmp_path)
+    assert result.returncode == 1
+    assert "| maml_pp_ablation_omniglot_20w1s |" in result.stdout and "| no data |" in result.stdout
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "not found under task.root=/nonexistent/omniglot" in line

@@ -126,6 +126,7 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
     spec = cfg.reproduction
     row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance, note=spec.note,
               published_std_over_runs=spec.published_std_over_runs, smoke=budget == "smoke")
+    error = ""
     if not from_mlflow:
         status, error = run_preset(name, args)
         if status:
@@ -133,6 +134,10 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
             return row
     store = RunStore(cfg.tracking.get("tracking_uri"))  # tracking=none: $MLFLOW_TRACKING_URI or the default
     run = latest_run(store, cfg)
+    if run is None and error:  # a sweep preset exits 0 when its jobs fail: their error line says why
+        # A DataMissingError's message always names task.root (metalab.errors); a single run says so by its exit status.
+        row.problem, row.data_missing = error, "task.root=" in error
+        return row
     if run is None:
         row.problem = (f"no finished run of {name} with this config ({CONFIG_HASH_TAG}={config_hash(cfg)[:12]}…, "
                        f"the preset with the same overrides) in {store.tracking_uri}: run `metalab reproduce {name}` "
