@@ -270,7 +270,9 @@ def test_runs_stale_lists_a_killed_run_not_a_live_one_and_marks_it_killed(tmp_pa
         deadline = time.monotonic() + 180
         pids: dict[str, str] = {}
         while not {str(doomed.pid), str(live.pid)} <= pids.keys():  # both training: their runs name host and pid
-            assert doomed.poll() is None and live.poll() is None and time.monotonic() < deadline
+            for process in (doomed, live):
+                assert process.poll() is None, process.communicate()[1]  # its error line, if it failed
+            assert time.monotonic() < deadline
             time.sleep(0.2)
             experiment = client.get_experiment_by_name("sinusoid")
             runs = client.search_runs([experiment.experiment_id]) if experiment else []

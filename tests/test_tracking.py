@@ -3,6 +3,7 @@ and `report` records what the learner hands it through whichever logger it has."
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pytorch_lightning.loggers import Logger
 
 import metalab
 from metalab.tracking import DEFAULT_TRACKING_URI, MAX_TAG_LENGTH, MLflowRunLogger, report
-from metalab.tracking.client import experiment_id, flush
+from metalab.tracking.client import experiment_id, flush, open_client
 from metalab.tracking.logger import ResumedMLFlowLogger
 
 PACKAGE = Path(metalab.__file__).parent
@@ -108,3 +109,17 @@ def test_report_without_mlflow_keeps_the_metrics_it_can_and_closes_the_figures(l
     assert not plt.fignum_exists(curve.number)
     if logger is not None:
         assert logger.logged == [({"loss": 1.0}, 3)]
+
+
+def open_and_name_experiment(tracking_uri: str) -> str:
+    return experiment_id(open_client(tracking_uri), "sinusoid")
+
+
+def test_runs_started_together_on_a_new_store_all_open_it_and_share_one_experiment(tmp_path: Path) -> None:
+    """Two runs launched at once on a fresh mlflow.db both used to migrate it, and one died ("Online migration
+    expected to match one row"); both also created experiment "sinusoid". Four processes here, one start."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        ids = pool.map(open_and_name_experiment, [uri] * 4)
+    assert len(set(ids)) == 1
+    assert [e.name for e in MlflowClient(uri).search_experiments()] == ["sinusoid", "Default"]

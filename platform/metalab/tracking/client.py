@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Mapping
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 import metalab
 from metalab.tracking.git import git_state
-from metalab.tracking.uri import artifact_root
+from metalab.tracking.uri import artifact_root, sqlite_folder
 
 MAX_TAG_LENGTH = MAX_TAG_VAL_LENGTH  # what the store accepts (8000 in MLflow 3); longer values are cut here
 # MLflow's record of what an experiment is for (its UI's experiment-kind selector writes this tag):
@@ -35,6 +37,22 @@ def source_tags() -> dict[str, str]:
     return tags
 
 
+def open_client(tracking_uri: str) -> MlflowClient:
+    """An ``MlflowClient`` on ``tracking_uri`` whose store exists, also when several processes start at once.
+
+    MLflow creates a fresh SQLite database's tables in whichever process opens it first, without a lock: two
+    runs started together on a new ``mlflow.db`` both migrate it and one fails (alembic's "Online migration
+    expected to match one row"). Opening the store under an exclusive lock on a hidden file beside the database
+    lets the first create the tables and the others find them; MLflow caches the opened store per URI.
+    """
+    folder = sqlite_folder(tracking_uri)
+    if folder is None:
+        return MlflowClient(tracking_uri)
+    with (folder / f".{Path(tracking_uri).name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return MlflowClient(tracking_uri)  # builds (and caches) the store: creates the tables
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     """The id of experiment ``name``, marked as a model-training experiment (:data:`EXPERIMENT_KIND_TAG`).
 
@@ -43,8 +61,13 @@ def experiment_id(client: MlflowClient, name: str) -> str:
     """
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
-                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        try:
+            return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+        except MlflowException:  # another run started at the same moment created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if EXPERIMENT_KIND_TAG not in experiment.tags:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return experiment.experiment_id

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metalab.errors import ConfigError, one_line
 from metalab.tracking.base import RunInfo, Tracking
-from metalab.tracking.client import experiment_id, fit_tags, source_tags
+from metalab.tracking.client import experiment_id, fit_tags, open_client, source_tags
 from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
 from metalab.tracking.data import log_data
 from metalab.tracking.logger import MLflowRunLogger, ResumedMLFlowLogger
@@ -77,7 +77,7 @@ class MLflowTracking(Tracking):
     @functools.cached_property
     def client(self) -> MlflowClient:
         """Opened on first use: a run that fails its checks before training never touches the store."""
-        return MlflowClient(self.tracking_uri)
+        return open_client(self.tracking_uri)
 
     def check(self) -> None:
         require_reachable(self.tracking_uri)

@@ -24,7 +24,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from metalab.tracking.client import experiment_id, fit_tags, source_tags
+from metalab.tracking.client import experiment_id, fit_tags, open_client, source_tags
 from metalab.tracking.uri import require_reachable
 
 SWEEP_FILE = "metalab_sweep.json"
@@ -88,7 +88,7 @@ def open_sweep(folder: Path, tracking_uri: str, experiment_name: str | None = No
     """Create the parent run in ``experiment_name`` (default :data:`DEFAULT_EXPERIMENT`) and write
     :data:`SWEEP_FILE` into ``folder`` so that the jobs find it."""
     require_reachable(tracking_uri)  # before MLflow creates a missing folder or fails on an unknown scheme
-    client = MlflowClient(tracking_uri)
+    client = open_client(tracking_uri)
     experiment = experiment_id(client, experiment_name or DEFAULT_EXPERIMENT)
     sweep_id = f"sweep-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     run = client.create_run(experiment, run_name=sweep_id, tags=fit_tags(
