@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from tests.conftest import run_cli
 
 LIGHTNING_CHATTER = ("GPU available", "TPU available", "Epoch 0", "FLOPs", "v_num", "Trainer.fit` stopped")
@@ -37,6 +39,15 @@ def test_default_run_shows_metalab_header_progress_and_results_only(tmp_path: Pa
     assert re.search(r"^runner backend: (loop|threads|vmap) \(chosen by runner.backend=auto\)$", result.stdout,
                      re.MULTILINE)
     assert "MLflow run id: " in result.stdout
+    # Where the time went, as printed and as recorded on the run; the phases add up to the total.
+    took = re.search(r"^took ([\d.]+) s: start-up ([\d.]+) s, meta-training ([\d.]+) s \(\d+ it/s\), "
+                     r"validation ([\d.]+) s, test ([\d.]+) s$", result.stdout, re.MULTILINE)
+    assert took, result.stdout
+    total, *phases = map(float, took.groups())
+    assert all(seconds > 0 for seconds in phases) and abs(total - sum(phases)) <= 0.25, took.group(0)
+    [run] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(["1"])
+    recorded = [run.data.metrics[f"time/{phase}_s"] for phase in ("startup", "meta_train", "validation", "test")]
+    assert [round(seconds, 1) for seconds in recorded] == phases
 
 
 def test_kanji_run_is_as_clean(tmp_path: Path, kanji_cache: str) -> None:

@@ -35,6 +35,7 @@ from metalab.reliability import Terminated
 from metalab.resume import plan_resume
 from metalab.sweep import check_objective, job_failed
 from metalab.tasks.base import TaskFamily
+from metalab.timing import Phases, PhaseTimer
 from metalab.tracking.base import RunInfo, Tracking
 from metalab.tracking.liveness import Heartbeat
 from metalab.tracking.sweeps import current_sweep, job_label
@@ -101,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise
     tracking.finish("FINISHED")
     if rank == 0:
-        report(metrics, task, tracking, backend=learner.runner.chosen if learner.runner.backend == "auto" else None)
+        report(metrics, task, tracking, backend=learner.runner.chosen if learner.runner.backend == "auto" else None,
+               phases=next(c.phases for c in trainer.callbacks if isinstance(c, PhaseTimer)))
     return metrics
 
 
@@ -133,7 +135,8 @@ def make_trainer(cfg: DictConfig, output_dir: Path) -> pl.Trainer:
     resumed run's own folder); the logger comes later."""
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
-    callbacks = [*(instantiate(callback) for callback in cfg.callbacks.values()), ValidateAtEnd(), Heartbeat()]
+    callbacks = [*(instantiate(callback) for callback in cfg.callbacks.values()), ValidateAtEnd(), Heartbeat(),
+                 PhaseTimer()]
     if cfg.trainer.enable_progress_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(MetaProgressBar())  # meta-iterations k/max_steps, not Lightning's "Epoch 0/-2"
     interval = val_check_interval(cfg.trainer.max_steps, cfg.trainer.val_check_interval)  # null: scaled to max_steps
@@ -184,8 +187,10 @@ def device(trainer: pl.Trainer) -> str:
     return kind if trainer.world_size == 1 else f"{kind}, {trainer.world_size} processes"
 
 
-def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, backend: str | None = None) -> None:
-    """The lines a user reads at the end of a run (``backend``: the one ``runner.backend=auto`` chose)."""
+def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, backend: str | None = None,
+           phases: Phases | None = None) -> None:
+    """The lines a user reads at the end of a run (``backend``: the one ``runner.backend=auto`` chose;
+    ``phases``: where the time went)."""
     metric, label = ("acc", "accuracy") if task.problem == "classification" else ("loss", "MSE")
     print(f"\nmeta-test over {task.test_tasks} tasks (mean ± 95% CI):")
     for when in ("pre", "post"):
@@ -195,6 +200,8 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, back
         print(f"  {when}-adaptation {label}: {mean:.4f} ± {ci95:.4f}")
     if backend:
         print(f"runner backend: {backend} (chosen by runner.backend=auto)")
+    if phases is not None:
+        print(f"took {phases.describe()}")
     if tracking.run_id:
         print(f"MLflow run id: {tracking.run_id}")
         print(f"Open the MLflow UI: make ui  (then {tracking.ui_page()})")

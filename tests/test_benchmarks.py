@@ -1,0 +1,33 @@
+"""The benchmark of meta-training speed reads what it claims: the plain learn2learn process it compares
+against runs, metalab-train's "took" line parses into the phases it printed, and (b) runs in a terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.meta_training import PLAIN, metalab_phases, run_process
+
+from metalab.timing import Phases
+
+
+def test_the_plain_learn2learn_process_meta_trains_and_reports_its_phases(tmp_path: Path) -> None:
+    output, wall, peak = run_process([sys.executable, str(PLAIN), "sinusoid", "--steps", "3", "--test-tasks", "2"],
+                                     tmp_path, terminal=False)
+    phases = json.loads(output.strip().splitlines()[-1])
+    assert phases["steps"] == 3 and phases["meta_train"] > 0 and phases["test"] > 0 and phases["test_loss"] > 0
+    assert 0 < phases["startup"] < wall and peak > 0
+
+
+def test_metalab_trains_took_line_parses_into_the_phases_it_printed() -> None:
+    printed = Phases(startup=5.04, meta_train=20.26, validation=2.91, test=1.87, steps=5000)
+    parsed = metalab_phases(f"MLflow run id: x\r\n\x1b[2Ktook {printed.describe()}\r\n", wall=31.0, peak=100.0)
+    assert (parsed.startup, parsed.meta_train, parsed.validation, parsed.test) == (5.0, 20.3, 2.9, 1.9)
+
+
+def test_metalab_runs_in_a_terminal_as_users_see_it(tmp_path: Path) -> None:
+    """(b) is timed with its progress bar drawn: rich draws it only on a terminal."""
+    command = [sys.executable, "-c", "import sys; print(sys.stdout.isatty())"]
+    assert run_process(command, tmp_path, terminal=True)[0].strip() == "True"
+    assert run_process(command, tmp_path, terminal=False)[0].strip() == "False"
