@@ -146,9 +146,10 @@ class MetaAlgorithm(nn.Module, ABC):
 class GradientBasedAlgorithm(MetaAlgorithm):
     """Shared settings of the MAML family: inner steps for training and for evaluation.
 
-    ``inner_checkpointing`` (set by :meth:`_checkpointing`, only for algorithms whose meta-gradient goes through
-    the inner loop): meta-training recomputes each inner step's activations in the outer backward
-    (:func:`~metalab.algorithms.functional.checkpointed_sgd`), so memory grows with one step, not ``inner_steps``.
+    ``inner_checkpointing`` (set by :meth:`_checkpointing`, only by algorithms whose meta-gradient goes through
+    the inner loop): meta-training runs each inner step under ``torch.utils.checkpoint`` (e.g.
+    :func:`~metalab.algorithms.functional.checkpointed_sgd`), so that the outer backward recomputes its
+    activations and memory grows with one step's, not with ``inner_steps``.
     """
 
     inner_checkpointing: bool = False
