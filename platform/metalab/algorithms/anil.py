@@ -13,7 +13,7 @@ import learn2learn as l2l
 from torch import Tensor, nn
 
 from metalab.algorithms.base import Context, GradientBasedAlgorithm, Predictor
-from metalab.algorithms.functional import vectorised_sgd
+from metalab.algorithms.functional import checkpointed_sgd, vectorised_sgd
 from metalab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,12 +24,16 @@ class ANIL(GradientBasedAlgorithm):
     """``model.features`` is meta-learned but never adapted; a clone of ``model.head`` (wrapped in
     learn2learn's ``MAML``) takes ``inner_steps`` SGD steps on the support features.
 
-    Needs a model with ``features`` and ``head`` (``mlp``, ``cnn4`` and ``resnet12`` have them).
+    Needs a model with ``features`` and ``head`` (``mlp``, ``cnn4`` and ``resnet12`` have them). Arguments as
+    :class:`~metalab.algorithms.MAML`; ``inner_checkpointing`` recomputes the head's inner steps (the features
+    are computed once per task either way, so it saves only the head's activations).
     """
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 1,
-                 eval_inner_steps: int | None = None, first_order: bool = False) -> None:
+                 eval_inner_steps: int | None = None, first_order: bool = False,
+                 inner_checkpointing: bool = False) -> None:
         super().__init__(inner_lr, inner_steps, eval_inner_steps)
+        self._checkpointing(inner_checkpointing, first_order)
         if not (isinstance(getattr(model, "features", None), nn.Module)
                 and isinstance(getattr(model, "head", None), nn.Module)):
             raise ConfigError(f"algorithm=anil needs a model with `features` and `head` parts; "
@@ -42,6 +46,11 @@ class ANIL(GradientBasedAlgorithm):
         return self.network
 
     def adapt(self, task: Task, context: Context) -> Predictor:
+        if self.inner_checkpointing and context.training:
+            rates = {name: self.head.lr for name, p in self.network.head.named_parameters() if p.requires_grad}
+            head = checkpointed_sgd(self.network.head, rates, self.network.features(task.support_x), task.support_y,
+                                    context.loss_fn, self.steps(context))
+            return lambda x: head(self.network.features(x))
         head = self._steps(self.head.clone(), self.network.features(task.support_x), task.support_y, context)
         return nn.Sequential(self.network.features, head)
 

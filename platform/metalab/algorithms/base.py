@@ -144,7 +144,15 @@ class MetaAlgorithm(nn.Module, ABC):
 
 
 class GradientBasedAlgorithm(MetaAlgorithm):
-    """Shared settings of the MAML family: inner steps for training and for evaluation."""
+    """Shared settings of the MAML family: inner steps for training and for evaluation.
+
+    ``inner_checkpointing`` (set by :meth:`_checkpointing`, only by algorithms whose meta-gradient goes through
+    the inner loop): meta-training runs each inner step under ``torch.utils.checkpoint`` (e.g.
+    :func:`~metalab.algorithms.functional.checkpointed_sgd`), so that the outer backward recomputes its
+    activations and memory grows with one step's, not with ``inner_steps``.
+    """
+
+    inner_checkpointing: bool = False
 
     def __init__(self, inner_lr: float, inner_steps: int, eval_inner_steps: int | None) -> None:
         super().__init__()
@@ -162,6 +170,13 @@ class GradientBasedAlgorithm(MetaAlgorithm):
         if context.inner_steps is not None:
             return context.inner_steps
         return self.inner_steps if context.training else self.eval_inner_steps
+
+    def _checkpointing(self, inner_checkpointing: bool, first_order: bool) -> None:
+        """Set ``inner_checkpointing``, refusing it where there is no second-order graph to save memory on."""
+        if inner_checkpointing and first_order:
+            raise ConfigError("algorithm.inner_checkpointing=true needs second-order meta-gradients, and "
+                              "algorithm.first_order=true keeps no inner-loop graph to checkpoint: set either false")
+        self.inner_checkpointing = inner_checkpointing
 
     def _steps(self, learner: nn.Module, inputs: Any, targets: Tensor, context: Context) -> nn.Module:
         """Take the inner SGD steps on a learn2learn clone (``MAML``/``MetaSGD``), in place.

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils.checkpoint import checkpoint
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
 
 
 def _batch_norm_from_primitives(module: nn.modules.batchnorm._BatchNorm) -> Callable[[Tensor], Tensor]:
@@ -93,6 +93,39 @@ def vectorised_sgd(network: nn.Module, rates: dict[str, Tensor | float], support
             return vmap(one_task, randomness="different")(support_x, support_y, query_x)
 
     return predict
+
+
+def checkpointed_sgd(module: nn.Module, rates: dict[str, Tensor | float], inputs: Tensor, targets: Tensor,
+                     loss_fn: LossFn, steps: int, allow_unused: bool = False) -> Callable[[Tensor], Tensor]:
+    """Adapt ``module`` by ``steps`` second-order SGD steps on ``(inputs, targets)``, each step checkpointed;
+    return the adapted predictor (``algorithm.inner_checkpointing``).
+
+    ``rates`` as in :func:`vectorised_sgd`. Each step runs under ``torch.utils.checkpoint`` (non-reentrant), so
+    the graph keeps only the weights between steps; the outer backward recomputes one step's support forward
+    and gradient at a time (as github.com/dbaranchuk/memory-efficient-maml). The same meta-gradient as learn2learn's
+    ``clone()/adapt()``, for about one more support forward and backward per step (recomputed in the outer
+    backward, plus one forward that checkpoint recomputes when the step's own gradient reads its activations).
+    A parameter the support loss does not use (``allow_unused``) keeps its value, as in learn2learn.
+    """
+    network = task_local_modules(module)  # functional_call swaps tensors: tasks on threads need their own modules
+    parameters = dict(module.named_parameters())
+    fixed = {name: value for name, value in parameters.items() if name not in rates}
+
+    def forward(weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(network, weights | fixed, (x,))
+
+    def sgd_step(*values: Tensor) -> tuple[Tensor, ...]:
+        weights = dict(zip(rates, values, strict=True))
+        gradients = torch.autograd.grad(loss_fn(forward(weights, inputs), targets), values, create_graph=True,
+                                        allow_unused=allow_unused)
+        return tuple(value if gradient is None else value - rates[name] * gradient
+                     for (name, value), gradient in zip(weights.items(), gradients, strict=True))
+
+    fast = tuple(parameters[name] for name in rates)
+    for _ in range(steps):
+        fast = checkpoint(sgd_step, *fast, use_reentrant=False)
+    adapted = dict(zip(rates, fast, strict=True))
+    return lambda x: forward(adapted, x)
 
 
 def task_local_modules(module: nn.Module) -> nn.Module:

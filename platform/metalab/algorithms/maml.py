@@ -13,7 +13,7 @@ import learn2learn as l2l
 from torch import Tensor, nn
 
 from metalab.algorithms.base import Context, GradientBasedAlgorithm, Predictor
-from metalab.algorithms.functional import vectorised_sgd
+from metalab.algorithms.functional import checkpointed_sgd, vectorised_sgd
 
 if TYPE_CHECKING:
     from metalab.tasks.episodes import Task
@@ -30,6 +30,8 @@ class MAML(GradientBasedAlgorithm):
         first_order: drop second-order terms of the meta-gradient (FOMAML).
         allow_unused: tolerate parameters that the support loss does not use.
         allow_nograd: tolerate parameters with ``requires_grad=False`` (they are not adapted).
+        inner_checkpointing: in meta-training, recompute each inner step's activations in the outer backward
+            (memory of one step, not ``inner_steps``; second order only; not under ``runner.backend=vmap``).
 
     Example (what the runner does per task)::
 
@@ -38,8 +40,9 @@ class MAML(GradientBasedAlgorithm):
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1,
                  eval_inner_steps: int | None = None, first_order: bool = False,
-                 allow_unused: bool = False, allow_nograd: bool = False) -> None:
+                 allow_unused: bool = False, allow_nograd: bool = False, inner_checkpointing: bool = False) -> None:
         super().__init__(inner_lr, inner_steps, eval_inner_steps)
+        self._checkpointing(inner_checkpointing, first_order)
         self.maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order,
                                         allow_unused=allow_unused, allow_nograd=allow_nograd)
 
@@ -48,10 +51,15 @@ class MAML(GradientBasedAlgorithm):
         return self.maml.module
 
     def adapt(self, task: Task, context: Context) -> Predictor:
+        if self.inner_checkpointing and context.training:
+            return checkpointed_sgd(self.maml.module, self._rates(), task.support_x, task.support_y, context.loss_fn,
+                                    self.steps(context), allow_unused=self.maml.allow_unused)
         return self._steps(self.maml.clone(), task.support_x, task.support_y, context)
 
     def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
-        network = self.maml.module
-        rates = {name: self.maml.lr for name, p in network.named_parameters() if p.requires_grad}
-        return vectorised_sgd(network, rates, support_x, support_y, context.loss_fn, self.steps(context),
-                              self.maml.first_order or not context.training)
+        return vectorised_sgd(self.maml.module, self._rates(), support_x, support_y, context.loss_fn,
+                              self.steps(context), self.maml.first_order or not context.training)
+
+    def _rates(self) -> dict[str, float]:
+        """The inner step size of each adapted parameter (learn2learn leaves ``requires_grad=False`` ones alone)."""
+        return {name: self.maml.lr for name, p in self.maml.module.named_parameters() if p.requires_grad}

@@ -46,6 +46,7 @@ import matplotlib
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from metalab.algorithms.base import Context, FitReport, GradientBasedAlgorithm, Predictor
 from metalab.algorithms.functional import task_local_modules
@@ -96,6 +97,8 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
         multi_step_loss: MSL, annealed to the final step's loss over ``multi_step_loss_epochs`` epochs.
         first_order_epochs: DA, epochs of first-order meta-gradients before second order (0: none).
         steps_per_epoch: meta-iterations per epoch of the schedules (the paper: 500).
+        inner_checkpointing: on second-order meta-iterations, recompute each inner step's activations in the
+            outer backward (memory of one step, not ``inner_steps``; not under ``runner.backend=vmap``).
 
     At the end of meta-training, with LSLR, the learned rates are summarised (``maml_pp/lr_mean``, ``_std``,
     ``_min``, ``_max``, ``_negative_fraction``; ``maml_pp/lr_mean_step<k>``, k = 1…inner_steps) and drawn per
@@ -110,8 +113,9 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 5,
                  eval_inner_steps: int | None = None, per_step_lr: bool = True, per_step_bn_weights: bool = True,
                  per_step_bn_statistics: bool = True, multi_step_loss: bool = True, multi_step_loss_epochs: int = 15,
-                 first_order_epochs: int = 50, steps_per_epoch: int = 500) -> None:
+                 first_order_epochs: int = 50, steps_per_epoch: int = 500, inner_checkpointing: bool = False) -> None:
         super().__init__(inner_lr, inner_steps, eval_inner_steps)
+        self._checkpointing(inner_checkpointing, first_order=False)  # DA's first-order epochs just skip it
         if multi_step_loss and multi_step_loss_epochs < 1:
             raise ConfigError(f"algorithm.multi_step_loss_epochs must be >= 1 with multi_step_loss=true, got "
                               f"{multi_step_loss_epochs}; to switch MSL off set algorithm.multi_step_loss=false")
@@ -195,13 +199,16 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
             super().update_running_statistics(task, context)
             return
         with torch.enable_grad():  # the inner steps need the support loss's gradient; nothing else is kept
-            for _ in self._inner_loop(task_local_modules(self.network), task.support_x, task.support_y, context):
+            # never checkpointed: a recomputed forward would move the statistics twice
+            for _ in self._inner_loop(task_local_modules(self.network), task.support_x, task.support_y, context,
+                                      checkpointed=False):
                 pass
 
-    def _inner_loop(self, network: nn.Module, support_x: Tensor, support_y: Tensor,
-                    context: Context) -> Iterator[tuple[int, Weights]]:
+    def _inner_loop(self, network: nn.Module, support_x: Tensor, support_y: Tensor, context: Context,
+                    checkpointed: bool = True) -> Iterator[tuple[int, Weights]]:
         """Yield (k, adapted weights) after each inner step; k indexes the per-step copies (the last trained
-        step's beyond them)."""
+        step's beyond them). With ``inner_checkpointing`` (and ``checkpointed``), each second-order step runs
+        under ``torch.utils.checkpoint``: the outer backward recomputes its activations."""
         training = context.training
         parameters = dict(self.network.named_parameters())
         if training:
@@ -209,12 +216,20 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
         else:  # no graph back to the meta-parameters
             fast = {name: parameters[name].detach().requires_grad_() for name in self.adapted_names}
         create_graph = training and not self.first_order(context.step)
+        checkpointed = checkpointed and create_graph and self.inner_checkpointing
+
+        def sgd_step(step: int, *values: Tensor) -> tuple[Tensor, ...]:
+            weights = dict(zip(self.adapted_names, values, strict=True))
+            loss = context.loss_fn(self._forward(network, support_x, weights, step, training), support_y)
+            gradients = torch.autograd.grad(loss, values, create_graph=create_graph)
+            return tuple(value - self._rate(name, step, training) * gradient
+                         for (name, value), gradient in zip(weights.items(), gradients, strict=True))
+
         for index in range(self.steps(context)):
             step = min(index, self.inner_steps - 1)
-            loss = context.loss_fn(self._forward(network, support_x, fast, step, training), support_y)
-            gradients = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
-            fast = {name: value - self._rate(name, step, training) * gradient
-                    for (name, value), gradient in zip(fast.items(), gradients, strict=True)}
+            values = (checkpoint(sgd_step, step, *fast.values(), use_reentrant=False) if checkpointed
+                      else sgd_step(step, *fast.values()))
+            fast = dict(zip(self.adapted_names, values, strict=True))
             if not training:
                 fast = {name: value.detach().requires_grad_() for name, value in fast.items()}
             yield step, fast

@@ -8,7 +8,8 @@ the mean of the tasks' meta-gradients.
   only one task's graph is alive at a time (as in learn2learn's plain loop, one ``backward()`` per task).
 - ``threads``: the loop's per-task work on CPU worker threads, one intra-op thread each (:mod:`.threads`).
 - ``vmap``: the whole (stacked) meta-batch at once through the algorithm's ``vectorised_adapt``; only for
-  algorithms that declare it.
+  algorithms that declare it, and not with ``algorithm.inner_checkpointing=true`` (``torch.func`` transforms
+  do not support the saved-tensor hooks that checkpointing is built on).
 - ``auto``: times each candidate on the first meta-batch (forward and backward, best of two after a
   warm-up; ``threads`` only on a CPU with more than one thread) and keeps the fastest (``vmap`` only if it
   beats the loop by more than ``vmap_margin``). A candidate that fails on the probe batch is dropped and
@@ -35,6 +36,7 @@ from metalab.runner.threads import map_tasks, with_gradient
 from metalab.tasks.episodes import Episodes
 
 BACKENDS = ("loop", "threads", "vmap", "auto")
+NO_VMAP = "torch.func transforms do not support the saved-tensor hooks of checkpointing"  # why it rules vmap out
 Predictions = Tensor | list[Tensor]  # stacked (T, Q, *out) when every task has one shape, else one per task
 
 
@@ -74,6 +76,9 @@ class TaskRunner:
         if self.backend == "vmap" and not vectorises(algorithm):
             raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt, so it "
                               "cannot run vectorised: use runner.backend=loop, threads or auto")
+        if self.backend == "vmap" and _checkpoints_inner_loop(algorithm):
+            raise ConfigError(f"runner.backend=vmap cannot run with algorithm.inner_checkpointing=true ({NO_VMAP}): "
+                              "use runner.backend=loop, threads or auto, or set algorithm.inner_checkpointing=false")
 
     def meta_loss(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context,
                   agree: Callable[[str], str] | None = None) -> tuple[Predictions, Tensor]:
@@ -141,6 +146,8 @@ class TaskRunner:
             candidates.append("threads")
         if vectorises(algorithm) and episodes.stacked:
             candidates.append("vmap")
+            if _checkpoints_inner_loop(algorithm):  # recorded as a failure: never timed, never chosen
+                self.probe["vmap"] = f"failed: algorithm.inner_checkpointing=true ({NO_VMAP})"
         parameters = algorithm.meta_parameters()
         seconds: dict[str, float] = {}
         for backend in candidates * 3:  # the first round warms up
@@ -162,6 +169,10 @@ class TaskRunner:
         needed = {"loop": 1.0, "threads": 1.0, "vmap": 1.0 - self.vmap_margin}
         qualified = [name for name in seconds if seconds[name] <= needed[name] * seconds["loop"]]
         return min(qualified, key=seconds.__getitem__)
+
+
+def _checkpoints_inner_loop(algorithm: MetaAlgorithm) -> bool:
+    return getattr(algorithm, "inner_checkpointing", False)
 
 
 def _on_cpu(episodes: Episodes) -> bool:
