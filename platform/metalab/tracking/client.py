@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
@@ -43,14 +47,50 @@ def open_client(tracking_uri: str) -> MlflowClient:
     MLflow creates a fresh SQLite database's tables in whichever process opens it first, without a lock: two
     runs started together on a new ``mlflow.db`` both migrate it and one fails (alembic's "Online migration
     expected to match one row"). Opening the store under an exclusive lock on a hidden file beside the database
-    lets the first create the tables and the others find them; MLflow caches the opened store per URI.
+    lets the first create the tables and the others find them; MLflow caches the opened store per URI. A new
+    database starts as a copy of :func:`empty_store`.
     """
     folder = sqlite_folder(tracking_uri)
     if folder is None:
         return MlflowClient(tracking_uri)
-    with (folder / f".{Path(tracking_uri).name}.lock").open("a") as lock:
+    database = folder / Path(tracking_uri).name
+    with (folder / f".{database.name}.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        return MlflowClient(tracking_uri)  # builds (and caches) the store: creates the tables
+        if not database.exists() and (template := empty_store()) is not None:
+            shutil.copyfile(template, database)
+        return MlflowClient(tracking_uri)  # builds (and caches) the store: creates the tables if not copied
+
+
+def empty_store() -> Path | None:
+    """An empty SQLite store with the installed MLflow's tables, made once per MLflow version in
+    ``$XDG_CACHE_HOME/metalab`` (default ``~/.cache/metalab``); ``None`` where that folder cannot be written.
+
+    MLflow makes a new database by running every schema migration since its first release (~70: seconds of a
+    short run's start-up, mostly SQLite syncing each statement to disk); copying the result takes milliseconds.
+    It holds tables only: MLflow adds its "Default" experiment (whose artifact folder depends on the working
+    directory) when it opens the copy, and checks the copy's schema version against its own, as for any store.
+    """
+    import sqlalchemy  # here, as MLflow does: a store on a server needs neither
+    from mlflow.store.db.utils import _initialize_tables  # private, but MLflow is pinned
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metalab"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.is_file():
+        return template
+    partial = cache / f".{template.name}.{os.getpid()}"  # made aside, then renamed: a reader never sees half
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        engine = sqlalchemy.create_engine(f"sqlite:///{partial}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        os.replace(partial, template)
+    except (OSError, sqlalchemy.exc.SQLAlchemyError):  # e.g. a read-only home: MLflow makes the store itself
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        return None
+    return template
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
