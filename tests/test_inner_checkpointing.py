@@ -74,7 +74,7 @@ def test_the_options_that_offer_checkpointing() -> None:
 
 
 @pytest.mark.parametrize("backend", ["loop", "threads"])
-@pytest.mark.parametrize("inner_steps", [1, 5])
+@pytest.mark.parametrize("inner_steps", [pytest.param(1, marks=pytest.mark.slow), 5])  # 5 steps: the default suite
 @pytest.mark.parametrize("network", ["mlp", "cnn4_batchnorm"])
 @pytest.mark.parametrize("option", OPTIONS)
 def test_checkpointed_meta_gradient_equals_the_plain_one(job, option: str, network: str, inner_steps: int,
