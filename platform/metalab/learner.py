@@ -19,6 +19,7 @@ from metalab.errors import ConfigError
 from metalab.figures import TEST_EPISODE, episode_grid, shows_images
 from metalab.reliability import DivergenceError, kept_checkpoint, non_finite
 from metalab.runner import TaskRunner
+from metalab.runner.task_runner import Predictions
 from metalab.stats import mean_and_ci95
 from metalab.tasks.base import Problem
 from metalab.tasks.episodes import Episodes, Task
@@ -193,16 +194,13 @@ class MetaLearner(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_summary("meta_test")
 
-    def _evaluate(self, tasks: Episodes) -> list[Tensor]:
+    def _evaluate(self, tasks: Episodes) -> Predictions:
         """Record per-task pre- and post-adaptation query loss (and accuracy) for the epoch summary (batch norm
         set by :meth:`_evaluation_batch_norm`); return each task's query predictions after adaptation."""
         context = self.context(training=False)
-        with torch.no_grad():
-            for task in tasks:
-                unadapted = self.algorithm.unadapted(task, context)
-                if unadapted is not None:  # None: no "before adaptation" (ProtoNet), so no pre_* metrics
-                    before = unadapted(task.query_x)
-                    self._record("pre", self.loss_fn(before, task.query_y), before, task.query_y)
+        before = self.runner.unadapted_predictions(self.algorithm, tasks, context)
+        if before is not None:  # None: no "before adaptation" (ProtoNet), so no pre_* metrics
+            self._record("pre", before, tasks.query_y)
         return self._record_adapted(tasks, context)
 
     def _curve(self, tasks: Episodes) -> None:
@@ -211,23 +209,32 @@ class MetaLearner(pl.LightningModule):
             context = Context(self.loss_fn, training=False, step=self.global_step, inner_steps=steps)
             self._record_adapted(tasks, context, suffix=f"_step{steps}")
 
-    def _record_adapted(self, tasks: Episodes, context: Context, suffix: str = "") -> list[Tensor]:
+    def _record_adapted(self, tasks: Episodes, context: Context, suffix: str = "") -> Predictions:
         """Adapt to each task's support set; record its query loss (and accuracy) as ``post_loss<suffix>``;
-        return the query predictions."""
-        with torch.enable_grad():  # Lightning evaluates under no_grad; the inner loop needs gradients
-            predictions = [after.detach() for after in self.runner.predictions(self.algorithm, tasks, context)]
-        for after, task in zip(predictions, tasks, strict=True):
-            self._record("post", self.loss_fn(after, task.query_y), after, task.query_y, suffix)
+        return the query predictions (no graph)."""
+        predictions = self.runner.predictions(self.algorithm, tasks, context)
+        self._record("post", predictions, tasks.query_y, suffix)
         return predictions
 
-    def _record(self, when: str, loss: Tensor, prediction: Tensor, target: Tensor, suffix: str = "") -> None:
-        self._per_task[f"{when}_loss{suffix}"].append(loss)
+    def _record(self, when: str, predictions: Predictions, targets: Tensor | list[Tensor], suffix: str = "") -> None:
+        """Keep each task's query loss (and accuracy) for the epoch summary: one (T,) tensor per meta-batch."""
+        if isinstance(predictions, Tensor):  # stacked (T, Q, *out): every task's mean in a few tensor ops
+            tasks = len(predictions)
+            losses = self.loss_fn(predictions.flatten(0, 1), targets.flatten(0, 1), reduction="none")
+            self._per_task[f"{when}_loss{suffix}"].append(losses.reshape(tasks, -1).mean(1))
+            if self.classification:
+                hits = predictions.argmax(dim=-1) == targets  # (T, Q)
+                self._per_task[f"{when}_acc{suffix}"].append(hits.flatten(1).float().mean(1))
+            return
+        self._per_task[f"{when}_loss{suffix}"].append(torch.stack(
+            [self.loss_fn(p, y) for p, y in zip(predictions, targets, strict=True)]))
         if self.classification:
-            self._per_task[f"{when}_acc{suffix}"].append(self._accuracy(prediction, target))
+            self._per_task[f"{when}_acc{suffix}"].append(torch.stack(
+                [self._accuracy(p, y) for p, y in zip(predictions, targets, strict=True)]))
 
     def _log_summary(self, stage: str) -> None:
         for name, values in self._per_task.items():
-            mean, ci95 = mean_and_ci95(torch.stack(values))
+            mean, ci95 = mean_and_ci95(torch.cat(values))
             # Every process of a distributed run evaluates every task: the values agree, syncing is a formality.
             self.log(f"{stage}/{name}", mean, sync_dist=True)
             self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)

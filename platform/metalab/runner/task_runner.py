@@ -19,6 +19,9 @@ An algorithm with ``sequential_tasks`` (each task starts from state the one befo
 carried inner Adam) runs with the loop only: its result depends on task order, which ``threads`` and ``vmap``
 do not keep. ``threads`` and ``vmap`` are refused for it, and ``auto`` takes the loop without timing (timing
 would run extra tasks through that state).
+
+Evaluation (:meth:`TaskRunner.predictions`) adapts with the same backend, first order and with no graph back to
+the meta-parameters; the unadapted predictions of a stacked meta-batch are one ``vmap`` over its tasks.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import vmap
 
 from metalab.algorithms.base import Context, MetaAlgorithm
+from metalab.algorithms.functional import batch_statistics_only
 from metalab.errors import ConfigError, one_line
 from metalab.runner.threads import map_tasks, with_gradient
 from metalab.tasks.episodes import Episodes
@@ -108,16 +113,43 @@ class TaskRunner:
 
     def predictions(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context) -> Predictions:
         """Each task's query predictions after adaptation (evaluation), with the chosen backend (the loop
-        before one is chosen)."""
+        before one is chosen). No graph reaches the meta-parameters: ``context`` is evaluation's (first-order
+        inner steps), the vectorised inner loop runs under ``no_grad`` (``torch.func.grad`` differentiates it
+        all the same), and the others enable gradients for the adaptation alone."""
+        context = context.evaluating()
         backend = self.chosen or "loop"
         if backend == "vmap" and episodes.stacked:
-            return algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
+            with torch.no_grad():
+                return algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
 
         def predict(index: int) -> Tensor:
             task = episodes[index]
-            return algorithm.adapt(task, context)(task.query_x)
+            with torch.enable_grad():  # the inner loop differentiates the support loss
+                predictor = algorithm.adapt(task, context)
+            with torch.no_grad():
+                return predictor(task.query_x)
 
         return _stacked(map_tasks(predict, len(episodes), threaded=backend == "threads"))
+
+    @staticmethod
+    def unadapted_predictions(algorithm: MetaAlgorithm, episodes: Episodes, context: Context) -> Predictions | None:
+        """Each task's query predictions before adaptation (evaluation's ``pre_*`` metrics); ``None`` where the
+        algorithm has no unadapted predictor (ProtoNet).
+
+        Where every task has the same predictor (the shared initialisation) and one shape, the stacked queries
+        (T, Q, *x) go through it in one ``vmap`` over tasks: each task keeps its own batch-norm statistics in
+        ``transductive`` mode, as one task at a time would. Otherwise one task after another.
+        """
+        context = context.evaluating()
+        predictors = [algorithm.unadapted(task, context) for task in episodes]
+        if predictors[0] is None:
+            return None
+        shared = predictors[0]
+        with torch.no_grad():
+            if episodes.stacked and isinstance(shared, nn.Module) and all(p is shared for p in predictors):
+                with batch_statistics_only(shared):  # batch norm that vmap can map, and that writes no statistics
+                    return vmap(shared, randomness="different")(episodes.query_x)
+            return _stacked([predictor(task.query_x) for predictor, task in zip(predictors, episodes, strict=True)])
 
     def _meta_loss(self, backend: str, algorithm: MetaAlgorithm, episodes: Episodes,
                    context: Context) -> tuple[Predictions, Tensor]:
