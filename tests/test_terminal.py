@@ -44,9 +44,10 @@ def test_default_run_shows_metalab_header_progress_and_results_only(tmp_path: Pa
                      r"validation ([\d.]+) s, test ([\d.]+) s$", result.stdout, re.MULTILINE)
     assert took, result.stdout
     total, *phases = map(float, took.groups())
-    assert all(seconds > 0 for seconds in phases) and abs(total - sum(phases)) <= 0.25, took.group(0)
+    assert abs(total - sum(phases)) <= 0.25, took.group(0)
     [run] = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(["1"])
     recorded = [run.data.metrics[f"time/{phase}_s"] for phase in ("startup", "meta_train", "validation", "test")]
+    assert all(seconds > 0 for seconds in recorded), recorded  # printed to 0.1 s, a short validation reads 0.0
     assert [round(seconds, 1) for seconds in recorded] == phases
 
 
