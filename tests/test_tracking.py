@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import multiprocessing
 import re
+import time
 from pathlib import Path
 
 import pytest
 from matplotlib import pyplot as plt
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import Logger
 
@@ -16,6 +18,7 @@ import metalab
 from metalab.tracking import DEFAULT_TRACKING_URI, MAX_TAG_LENGTH, MLflowRunLogger, report
 from metalab.tracking.client import experiment_id, flush, open_client
 from metalab.tracking.logger import ResumedMLFlowLogger
+from metalab.tracking.outbox import SEND_EVERY_S, Outbox
 
 PACKAGE = Path(metalab.__file__).parent
 TRACKING = PACKAGE / "tracking"
@@ -123,3 +126,26 @@ def test_runs_started_together_on_a_new_store_all_open_it_and_share_one_experime
         ids = pool.map(open_and_name_experiment, [uri] * 4)
     assert len(set(ids)) == 1
     assert [e.name for e in MlflowClient(uri).search_experiments()] == ["sinusoid", "Default"]
+
+
+def test_the_outbox_sends_the_records_of_one_interval_in_one_batch(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"sqlite:///{tmp_path}/runs.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(experiment_id(client, "outbox")).info.run_id
+    sent: list[int] = []  # metrics per log_batch call the store received
+    log_batch = MlflowClient.log_batch
+
+    def counted(self: MlflowClient, run_id: str, metrics: list[Metric] = (), *args: object, **kwargs: object) -> None:
+        sent.append(len(metrics))
+        log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counted)
+    outbox = Outbox(uri, run_id, tmp_path / "out", wait_s=10)
+    for step in range(20):  # one record every 1/20 of the interval, as a logger every 50 steps of a fast run
+        outbox.client.log_batch(run_id, metrics=[Metric("meta_train/loss", float(step), 1000 + step, step)])
+        time.sleep(SEND_EVERY_S / 20)
+    outbox.close("FINISHED")
+    assert sum(sent) == 20 and len(sent) <= 3, sent  # the first record alone, then the rest of the interval
+    assert [m.step for m in client.get_metric_history(run_id, "meta_train/loss")] == list(range(20))
+    assert client.get_run(run_id).info.status == "FINISHED"

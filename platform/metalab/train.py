@@ -27,6 +27,7 @@ from metalab._quiet import held_back_trainer_banner, quiet_lightning
 from metalab.checkpoints import AtomicCheckpointIO
 from metalab.checks import check_algorithm_fits, check_distributed, check_model_fits, require_accelerator
 from metalab.config import config_dir, register_configs
+from metalab.cuda_probe import cheap_cuda_check
 from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, DataMissingError, one_line
 from metalab.learner import MetaLearner
 from metalab.overrides import check_overrides
@@ -43,6 +44,7 @@ from metalab.validation import ValidateAtEnd, val_check_interval
 
 register_configs()
 quiet_lightning()
+cheap_cuda_check()
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
