@@ -4,6 +4,7 @@ survives a failing candidate, and is recorded on the run."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,31 @@ def test_auto_drops_a_backend_that_fails_on_the_probe_and_says_why() -> None:
     assert runner.chosen in ("loop", "threads")
     assert runner.probe["vmap"].startswith("failed: RuntimeError: vmap: We do not support batching operators")
     assert runner.probe["loop"].endswith(" ms")
+
+
+class _TimedRunner(TaskRunner):
+    """A runner whose backends take set extra seconds per meta-gradient; counts how often each one ran."""
+
+    def __init__(self, delays: dict[str, float]) -> None:
+        super().__init__("auto")
+        self.delays, self.calls = delays, dict.fromkeys(delays, 0)
+
+    def _meta_loss(self, backend, algorithm, episodes, context):
+        self.calls[backend] += 1
+        time.sleep(self.delays[backend])
+        return super()._meta_loss(backend, algorithm, episodes, context)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="auto times threads only on a CPU with several threads")
+def test_auto_times_a_candidate_far_slower_than_the_fastest_once_and_close_ones_twice() -> None:
+    runner = _TimedRunner({"loop": 0.05, "threads": 0.05, "vmap": 0.25})
+    _, loss = runner.meta_loss(MAML(MLP(1, (8,), 1).double(), inner_lr=0.05), double_tasks(4),
+                               Context(F.mse_loss, training=True))
+    loss.backward()
+    # warm-up + timed rounds of the probe (vmap 5x slower: timed once), then the meta-batch's own meta-loss
+    chosen = {name: int(name == runner.chosen) for name in runner.calls}
+    assert runner.calls == {"loop": 3 + chosen["loop"], "threads": 3 + chosen["threads"], "vmap": 2}
+    assert runner.chosen in ("loop", "threads")
 
 
 def test_auto_never_probes_vmap_for_an_algorithm_that_does_not_declare_it() -> None:

@@ -10,10 +10,10 @@ the mean of the tasks' meta-gradients.
 - ``vmap``: the whole (stacked) meta-batch at once through the algorithm's ``vectorised_adapt``; only for
   algorithms that declare it, and not with ``algorithm.inner_checkpointing=true`` (``torch.func`` transforms
   do not support the saved-tensor hooks that checkpointing is built on).
-- ``auto``: times each candidate on the first meta-batch (forward and backward, best of two after a
-  warm-up; ``threads`` only on a CPU with more than one thread) and keeps the fastest (``vmap`` only if it
-  beats the loop by more than ``vmap_margin``). A candidate that fails on the probe batch is dropped and
-  the reason recorded; the run goes on with the others.
+- ``auto``: times each candidate on the first meta-batch (forward and backward, once after a warm-up, and
+  once more for the candidates within ``PROBE_CLOSE`` of the fastest; ``threads`` only on a CPU with more than
+  one thread) and keeps the fastest (``vmap`` only if it beats the loop by more than ``vmap_margin``). A
+  candidate that fails on the probe batch is dropped and the reason recorded; the run goes on with the others.
 
 An algorithm with ``sequential_tasks`` (each task starts from state the one before left, e.g. Reptile's
 carried inner Adam) runs with the loop only: its result depends on task order, which ``threads`` and ``vmap``
@@ -41,6 +41,7 @@ from metalab.runner.threads import map_tasks, with_gradient
 from metalab.tasks.episodes import Episodes
 
 BACKENDS = ("loop", "threads", "vmap", "auto")
+PROBE_CLOSE = 1.3  # auto times candidates within this factor of the fastest once more (the rest cannot win)
 NO_VMAP = "torch.func transforms do not support the saved-tensor hooks of checkpointing"  # why it rules vmap out
 Predictions = Tensor | list[Tensor]  # stacked (T, Q, *out) when every task has one shape, else one per task
 
@@ -182,9 +183,9 @@ class TaskRunner:
                 self.probe["vmap"] = f"failed: algorithm.inner_checkpointing=true ({NO_VMAP})"
         parameters = algorithm.meta_parameters()
         seconds: dict[str, float] = {}
-        for backend in candidates * 3:  # the first round warms up
-            if backend in self.probe:  # failed already
-                continue
+
+        def timed(backend: str) -> float | None:
+            """Seconds of one meta-gradient with ``backend``; ``None`` (and the reason recorded) if it fails."""
             start = time.perf_counter()
             try:
                 _, loss = self._meta_loss(backend, algorithm, episodes, context)
@@ -193,9 +194,21 @@ class TaskRunner:
                 if backend == "loop":  # the reference itself fails: that is the run's error, not the probe's
                     raise
                 self.probe[backend] = f"failed: {one_line(error)[:200]}"
-                continue
-            elapsed = time.perf_counter() - start
-            seconds[backend] = min(elapsed, seconds.get(backend, elapsed))
+                return None
+            return time.perf_counter() - start
+
+        # Paid once per run, so kept short: a warm-up of each candidate (first calls build kernels and caches),
+        # one timed round, and a second round (best of two) only between candidates close to each other.
+        for backend in candidates:
+            if backend not in self.probe:
+                timed(backend)
+        for backend in candidates:
+            if backend not in self.probe and (elapsed := timed(backend)) is not None:
+                seconds[backend] = elapsed
+        close = [name for name in seconds if seconds[name] <= PROBE_CLOSE * min(seconds.values())]
+        for backend in close if len(close) > 1 else []:
+            if (elapsed := timed(backend)) is not None:
+                seconds[backend] = min(elapsed, seconds[backend])
         self.probe = {name: f"{seconds[name] * 1000:.1f} ms" if name in seconds else self.probe[name]
                       for name in candidates}
         needed = {"loop": 1.0, "threads": 1.0, "vmap": 1.0 - self.vmap_margin}
