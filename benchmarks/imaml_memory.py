@@ -30,7 +30,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -118,6 +118,20 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
 
 
 @dataclasses.dataclass
+def timed_with_graph(work: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """The best of ``repeats`` timed calls of ``work`` (seconds), then one more measured by
+    :class:`GraphMemory` (the peak bytes of its autograd graph)."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - start)
+    meter = GraphMemory()
+    with meter.measuring():
+        work()
+    return min(seconds), meter.peak
+
+
 class Measurement:
     seconds: float
     graph_bytes: int
@@ -169,15 +183,8 @@ def measure(name: str, inner_steps: int, *, meta_batch: int = 4, ways: int = 5, 
         peak = result["bytes"]
     else:
         meta_gradient()  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        meta_gradient()
-        seconds.append(time.perf_counter() - start)
-    meter = GraphMemory()
-    with meter.measuring():
-        meta_gradient()
-    return Measurement(min(seconds), meter.peak, peak)
+    seconds, graph = timed_with_graph(meta_gradient, repeats)
+    return Measurement(seconds, graph, peak)
 
 
 def main() -> None:

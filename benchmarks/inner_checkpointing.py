@@ -27,11 +27,10 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from imaml_memory import MB, GraphMemory, peak_memory  # benchmarks/ is on sys.path when run as a script
+from imaml_memory import MB, peak_memory, timed_with_graph  # benchmarks/ is on sys.path when run as a script
 
 import metalab  # noqa: F401  (quiet imports)
 from metalab.algorithms import MAML, Context
@@ -69,15 +68,8 @@ def measure(inner_steps: int, checkpointing: bool, meta_batch: int, repeats: int
     algorithm.zero_grad(set_to_none=True)
     with peak_memory(where) as peak:
         meta_iteration()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        meta_iteration()
-        seconds.append(time.perf_counter() - start)
-    meter = GraphMemory()
-    with meter.measuring():
-        meta_iteration()
-    return Measurement(min(seconds), peak["bytes"], meter.peak)
+    seconds, graph = timed_with_graph(meta_iteration, repeats)
+    return Measurement(seconds, peak["bytes"], graph)
 
 
 def main() -> None:

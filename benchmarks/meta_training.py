@@ -133,13 +133,13 @@ def report(workload: Workload, results: Results) -> None:
     rate = {v: [workload.steps / p.meta_train for p in runs[v]] for v in "abcd"}
     pairs = range(len(runs["a"]))
     print(f"\n{workload.name}: {workload.steps} meta-iterations; (b) chose {', '.join(results.chosen)}")
-    print(f"  {'':34}{'(a) plain':>20}{'(b) metalab':>20}{'(c) loop':>20}{'(d) bare':>20}")
-    print(f"  {'meta-training it/s':34}" + "".join(f"{show(rate[v]):>20}" for v in "abcd"))
-    print(f"  {'whole process s':34}" + "".join(f"{show([p.wall for p in runs[v]], 1):>20}" for v in "abcd"))
-    print(f"  {'start-up s':34}" + "".join(f"{show([p.startup for p in runs[v]], 1):>20}" for v in "abcd"))
-    print(f"  {'validation + test s':34}"
-          + "".join(f"{show([p.validation + p.test for p in runs[v]], 1):>20}" for v in "abcd"))
-    print(f"  {'peak MB':34}" + "".join(f"{statistics.median(p.peak_mb for p in runs[v]):>20.0f}" for v in "abcd"))
+    print(f"  {'':24}{'(a) plain':>24}{'(b) metalab':>24}{'(c) loop':>24}{'(d) bare':>24}")
+    print(f"  {'meta-training it/s':24}" + "".join(f"{show(rate[v]):>24}" for v in "abcd"))
+    print(f"  {'whole process s':24}" + "".join(f"{show([p.wall for p in runs[v]], 1):>24}" for v in "abcd"))
+    print(f"  {'start-up s':24}" + "".join(f"{show([p.startup for p in runs[v]], 1):>24}" for v in "abcd"))
+    print(f"  {'validation + test s':24}"
+          + "".join(f"{show([p.validation + p.test for p in runs[v]], 1):>24}" for v in "abcd"))
+    print(f"  {'peak MB':24}" + "".join(f"{statistics.median(p.peak_mb for p in runs[v]):>24.0f}" for v in "abcd"))
     print(f"  (b)/(a) meta-training: {show([rate['b'][i] / rate['a'][i] for i in pairs])}, "
           f"whole process: {show([runs['a'][i].wall / runs['b'][i].wall for i in pairs])}")
     print(f"  (c)/(a) meta-training: {show([rate['c'][i] / rate['a'][i] for i in pairs])}, "
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--only", help="run only the workloads whose name contains this text, e.g. sinusoid")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
-    sinusoid, kanji = max(20, int(2000 * scale)), max(3, int(20 * scale))
+    sinusoid, kanji = max(20, int(2000 * scale)), max(3, int(60 * scale))
     evaluation = ["task.val_tasks=10", "task.test_tasks=10"]
     workloads = [
         Workload("sinusoid MLP 1-40-40-1, MAML, 25 tasks K=10", ["sinusoid", f"--steps={sinusoid}"],

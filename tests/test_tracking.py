@@ -149,3 +149,10 @@ def test_the_outbox_sends_the_records_of_one_interval_in_one_batch(tmp_path: Pat
     assert sum(sent) == 20 and len(sent) <= 3, sent  # the first record alone, then the rest of the interval
     assert [m.step for m in client.get_metric_history(run_id, "meta_train/loss")] == list(range(20))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_store_uri_with_a_query_names_its_database_and_lock_without_it(tmp_path: Path) -> None:
+    client = open_client(f"sqlite:///{tmp_path}/runs.db?timeout=30")
+    experiment_id(client, "query")
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name != "mlruns") == [".runs.db.lock", "runs.db"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/runs.db").get_experiment_by_name("query") is not None

@@ -16,7 +16,7 @@ from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 import metalab
 from metalab.tracking.git import git_state
-from metalab.tracking.uri import artifact_root, sqlite_folder
+from metalab.tracking.uri import artifact_root, sqlite_database
 
 MAX_TAG_LENGTH = MAX_TAG_VAL_LENGTH  # what the store accepts (8000 in MLflow 3); longer values are cut here
 # MLflow's record of what an experiment is for (its UI's experiment-kind selector writes this tag):
@@ -50,11 +50,10 @@ def open_client(tracking_uri: str) -> MlflowClient:
     lets the first create the tables and the others find them; MLflow caches the opened store per URI. A new
     database starts as a copy of :func:`empty_store`.
     """
-    folder = sqlite_folder(tracking_uri)
-    if folder is None:
+    database = sqlite_database(tracking_uri)
+    if database is None:
         return MlflowClient(tracking_uri)
-    database = folder / Path(tracking_uri).name
-    with (folder / f".{database.name}.lock").open("a") as lock:
+    with database.with_name(f".{database.name}.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not database.exists() and (template := empty_store()) is not None:
             shutil.copyfile(template, database)

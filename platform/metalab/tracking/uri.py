@@ -64,11 +64,18 @@ def _unset_hint(setting: str) -> str:
     return f" (or unset it: runs then go to ./{DEFAULT_TRACKING_URI[len('sqlite:///'):]})" if setting == ENV_VAR else ""
 
 
-def sqlite_folder(tracking_uri: str) -> Path | None:
-    """The folder holding the database of a ``sqlite:///`` store (absolute); ``None`` for other stores."""
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store (absolute, without the URI's ``?query``, e.g.
+    ``?timeout=30``); ``None`` for other stores."""
     if not tracking_uri.startswith("sqlite:///"):
         return None
-    return Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve().parent
+    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0]).expanduser().resolve()
+
+
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder holding the database of a ``sqlite:///`` store (absolute); ``None`` for other stores."""
+    database = sqlite_database(tracking_uri)
+    return None if database is None else database.parent
 
 
 def artifact_root(tracking_uri: str) -> str | None:
