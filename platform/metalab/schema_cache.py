@@ -17,7 +17,10 @@ unchanged, else generated again (importing the target) and the file rewritten:
 
 The YAML of ``conf/`` is no part of the key: it only names a target, and a target the file lacks is generated.
 A file that is missing, stale or unreadable is regenerated; one that cannot be written (a read-only home) is
-skipped: the schemas are then generated in each process, as without a cache.
+skipped: the schemas are then generated in each process, as without a cache. Not traced: a type alias
+(``Size = int | None``) imported from another package into an annotation (an alias carries no module of its own);
+such a package's upgrade is seen when metalab or the target's own package changes. Deleting the files is
+always safe.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ PRUNE_AFTER_S = 30 * 24 * 3600  # files of other checkouts or older sources, unt
 PRIMITIVE_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "Any": Any}
 
 # schema_for's result and the modules of the classes it read (their top-level packages are the entry's sources).
-Generator = Callable[[str, tuple[str, ...]], tuple[type, set[str]]]
+SchemaGenerator = Callable[[str, tuple[str, ...]], tuple[type, set[str]]]
 
 
 def cache_folder() -> Path:
@@ -222,7 +225,7 @@ class SchemaCache:
     """Generated schemas by target, from ``path`` when still valid (see the module docstring), else from
     ``generate`` (which imports the target); :meth:`save` writes the file if anything was generated."""
 
-    def __init__(self, generate: Generator, path: Path | None = None, key: str | None = None) -> None:
+    def __init__(self, generate: SchemaGenerator, path: Path | None = None, key: str | None = None) -> None:
         self.generate = generate
         self.key = key or metalab_key()
         self.path = path or cache_folder() / f"schemas-{self.key[:16]}.json"
@@ -262,10 +265,9 @@ class SchemaCache:
         if not isinstance(sources, dict):
             return False
         for package, recorded in sources.items():
-            if package not in self._current:
-                def named(_: str, recorded: Any = recorded) -> Iterable[str] | None:
-                    return recorded.get("distributions") if isinstance(recorded, dict) else None
-                self._current[package] = fingerprint(package, named)
+            if package not in self._current:  # the distributions recorded are the ones to ask for their version
+                names = recorded.get("distributions") if isinstance(recorded, dict) else None
+                self._current[package] = fingerprint(package, lambda _, names=names: names)
             if self._current[package] != recorded:
                 return False
         return True
@@ -279,6 +281,8 @@ class SchemaCache:
                 return None
         except Exception:  # whatever the reason, the schema is generated in each process instead
             return None
+        if any(module.split(".")[0] == "__main__" for module in modules):
+            return None  # a script's own classes: no file to check them against
         sources = {}
         for package in top_level_packages(modules):
             found = fingerprint(package, _installed_distributions().get)
