@@ -273,6 +273,20 @@ def test_a_cache_that_cannot_be_written_fails_nothing(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*"))
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_cache_folder_fails_nothing(tmp_path: Path) -> None:
+    folder = tmp_path / "metalab"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        cache = SchemaCache(generate_schema, path=folder / "schemas.json", key="k")
+        cache.get("metalab.runner.TaskRunner")
+        cache.save()
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
 def test_help_works_where_the_cache_cannot_be_written(tmp_path: Path) -> None:
     (tmp_path / "not-a-folder").write_text("")
     result, _ = metalab_train(["--help"], tmp_path, tmp_path / "not-a-folder")
