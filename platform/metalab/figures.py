@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import Tensor
 
-from metalab.tasks.episodes import Task
-
 if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from metalab.tasks.episodes import Task  # (importing metalab.tasks imports every family: learn2learn, PIL)
 
 VALIDATION_CURVE = "figures/validation_curve.png"  # artifact paths in the run
 TEST_EPISODE = "figures/test_episode.png"
