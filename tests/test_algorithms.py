@@ -14,11 +14,11 @@ from mlflow.tracking import MlflowClient
 from metalab.algorithms import ANIL, Context, MetaSGD, ProtoNet, Reptile
 from metalab.config import config_dir
 from metalab.errors import ConfigError
+from metalab.job import train
 from metalab.learner import MetaLearner
 from metalab.models import MLP
 from metalab.runner import TaskRunner
 from metalab.tasks.episodes import Task
-from metalab.train import train
 from tests.test_meta_gradient import double_tasks
 from tests.test_training import SHORT
 

@@ -16,11 +16,11 @@ from mlflow.tracking import MlflowClient
 from metalab.algorithms import MAML, Context, MetaAlgorithm
 from metalab.config import config_dir
 from metalab.errors import ConfigError
+from metalab.job import train
 from metalab.learner import MetaLearner
 from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner, vectorises
 from metalab.tasks import Episodes
-from metalab.train import train
 from tests.test_meta_gradient import double_tasks
 
 # Every option of conf/algorithm/, with two inner steps where it has inner steps: a new algorithm is tested here

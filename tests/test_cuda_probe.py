@@ -24,9 +24,9 @@ def test_with_nvml_lightnings_check_stays(monkeypatch: pytest.MonkeyPatch) -> No
     assert os.environ[NVML_CHECK] == "1"
 
 
-def test_metalab_train_applies_it_after_importing_lightning() -> None:
+def test_the_job_applies_it_after_importing_lightning() -> None:
     import lightning_fabric  # noqa: F401  (sets the check to "1" when first imported)
 
-    import metalab.train  # noqa: F401
+    import metalab.job  # noqa: F401  (what metalab-train imports when it runs a job)
 
     assert os.environ.get(NVML_CHECK) == ("1" if nvml_loads() else None)

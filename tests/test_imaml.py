@@ -13,10 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from metalab.algorithms import IMAML, Context
 from metalab.errors import ConfigError
+from metalab.job import train
 from metalab.models import MLP
 from metalab.runner import TaskRunner
 from metalab.tasks.episodes import Episodes, Task
-from metalab.train import train
 from tests.test_algorithms import KANJI
 from tests.test_meta_gradient import double_tasks
 from tests.test_training import SHORT

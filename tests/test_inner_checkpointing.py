@@ -19,12 +19,12 @@ from torch import nn
 from metalab.algorithms import MAML, Context, MetaAlgorithm
 from metalab.config import config_dir
 from metalab.errors import ConfigError, one_line
+from metalab.job import build
 from metalab.learner import running_statistics_untouched
 from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner
 from metalab.tasks import Episodes
 from metalab.tasks.episodes import Task
-from metalab.train import build
 from tests.test_backends import image_tasks, meta_gradient
 from tests.test_meta_gradient import double_tasks
 

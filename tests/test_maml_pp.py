@@ -13,11 +13,11 @@ from mlflow.tracking import MlflowClient
 from metalab.algorithms import MAML, Context, MAMLPlusPlus
 from metalab.algorithms.maml_pp import multi_step_loss_weights
 from metalab.errors import ConfigError
+from metalab.job import train
 from metalab.learner import MetaLearner
 from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner
 from metalab.tasks import Episodes
-from metalab.train import train
 from tests.test_algorithms import KANJI, saved_parameters
 from tests.test_backends import image_tasks
 from tests.test_meta_gradient import double_tasks

@@ -20,10 +20,10 @@ from pytorch_lightning.callbacks import Callback
 
 from metalab.cli import main
 from metalab.errors import ConfigError
+from metalab.job import train
 from metalab.reliability import TERMINATED_EXIT_CODE, DivergenceError, Terminated, non_finite
 from metalab.tracking.liveness import HEARTBEAT_TAG, HOST_TAG, PID_TAG, find_runs
 from metalab.tracking.runs import RunStore
-from metalab.train import train
 from tests.conftest import BIN, compose_job, run_cli
 
 

@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 
 from metalab.config import experiments_dir
+from metalab.job import train
 from metalab.reproduce import Row, compose_preset, markdown, preset_names, reproduce, verdict
 from metalab.tracking.config_hash import CONFIG_HASH_TAG, config_hash
-from metalab.train import train
 from tests import fake_datasets
 from tests.conftest import BIN
 

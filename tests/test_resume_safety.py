@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from metalab.checkpoints import AtomicCheckpointIO, check_resumable, read_checkpoint
 from metalab.errors import ConfigError
-from metalab.train import make_trainer, train
+from metalab.job import make_trainer, train
 from tests.conftest import compose_job, run_cli
 
 SMOKE = ["debug=smoke", "runner.backend=loop", "trainer.log_every_n_steps=1"]  # 20 steps, test_tasks 20

@@ -14,13 +14,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from metalab.figures import RIGHT, WRONG, episode_grid, validation_curve
+from metalab.job import train
 from metalab.tasks.episodes import Task
 from metalab.tracking import MLflowTracking
 from metalab.tracking.base import RunInfo
 from metalab.tracking.client import experiment_id
 from metalab.tracking.sweeps import open_sweep
 from metalab.tracking.uri import ui_page
-from metalab.train import train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

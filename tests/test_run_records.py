@@ -18,6 +18,7 @@ from PIL import Image
 
 from metalab.checks import check_model_fits
 from metalab.errors import ConfigError
+from metalab.job import train
 from metalab.models import MLP, ResNet12
 from metalab.tasks import Omniglot, SinusoidLineRegression, SinusoidRegression
 from metalab.tasks.base import TaskFamily
@@ -25,7 +26,6 @@ from metalab.tasks.episodes import Episodes
 from metalab.tracking import MLflowTracking
 from metalab.tracking.base import RunInfo
 from metalab.tracking.mlflow_tracking import SYSTEM_METRICS_TAG
-from metalab.train import train
 from tests import fake_datasets
 
 

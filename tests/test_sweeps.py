@@ -21,7 +21,7 @@ from PIL import Image
 
 from metalab.compare import compare
 from metalab.errors import ConfigError
-from metalab.train import train
+from metalab.job import train
 from tests.conftest import BIN, compose_job, run_cli
 
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from metalab.job import train
 from metalab.learner import MetaLearner
-from metalab.train import train
 from tests.conftest import compose_job
 
 SHORT = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "task.test_tasks=200",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from metalab.train import train
+from metalab.job import train
 from metalab.validation import val_check_interval
 from tests.conftest import compose_job
 

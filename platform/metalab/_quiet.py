@@ -63,6 +63,22 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message="GPU available but not used", category=PossibleUserWarning)
 
 
+def plain_lightning_logs() -> None:
+    """Lightning's log lines as plain lines on stderr, as when Lightning is imported before Hydra sets up logging.
+
+    ``pytorch_lightning`` and ``lightning_fabric``, imported while the root logger has no handler, give their
+    loggers a bare ``StreamHandler`` of their own and stop propagation; imported later they log through the root
+    logger: Hydra's ``[time][logger][INFO] -`` lines, also written to the job's log file. ``metalab-train``
+    imports Lightning only once Hydra runs the job (metalab.train), so this sets up what the import did before.
+    """
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+            logger.propagate = False
+
+
 @contextmanager
 def held_back_trainer_banner() -> Iterator[None]:
     """Hold the lines a ``Trainer`` prints when it is built (e.g. "`Trainer(limit_val_batches=1)` was configured

@@ -4,6 +4,8 @@ Top-level nodes (``trainer``, ``hardware``, ``optimizer``) have hand-written dat
 the object groups (``algorithm/``, ``task/``, ``model/``, ``tracking/``) gets a schema generated from the
 constructor of its ``_target_``: each setting is then defined once, as a typed constructor argument,
 and its YAML starts with ``defaults: [<option>_schema, _self_]``. A new option needs no edit here.
+Generating a schema imports its target (torch, Lightning, ...); :func:`schema` keeps them on disk
+(:mod:`metalab.schema_cache`), so composing a config (``--help``, ``--cfg job``) imports no target.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING as OMEGACONF_MISSING
 from omegaconf import OmegaConf
+
+from metalab.schema_cache import SchemaCache
 
 OBJECT_GROUPS = ("algorithm", "task", "model", "tracking")
 # The settings a resume may change (metalab.resume): a longer budget, and the learning rates that recover a run
@@ -115,9 +119,9 @@ class MetalabConfig:
     task: Any = MISSING
     model: Any = MISSING
     tracking: Any = MISSING
-    learner: Any = field(default_factory=lambda: schema_for(  # the LightningModule and its own settings
+    learner: Any = field(default_factory=lambda: schema(  # the LightningModule and its own settings
         "metalab.learner.MetaLearner", injected=("optimizer", "problem", "runner", "scheduler"))())
-    runner: Any = field(default_factory=lambda: schema_for("metalab.runner.TaskRunner")())  # how tasks execute
+    runner: Any = field(default_factory=lambda: schema("metalab.runner.TaskRunner")())  # how tasks execute
     scheduler: Any = None  # scheduler=cosine|step: the outer learning rate's schedule, stepped per meta-iteration
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -139,9 +143,10 @@ class MetalabConfig:
 # type passes unnoticed; it does not follow `**kwargs` to the base class; and it writes a `Path` default
 # as a pickled Python object in `--cfg job`. Doing what we need here takes less code than adapting it.
 PRIMITIVES = (int, float, str, bool)
-# Argument types that are live objects handed in by train.py at `instantiate` (an algorithm's `model`, built
-# from `model/`): no config value, so no schema field. Every other type the generator cannot express is an
-# error at registration, never a silent skip. Import paths, so importing this module does not import torch.
+# Argument types that are live objects handed in by the job (metalab.job) at `instantiate` (an algorithm's
+# `model`, built from `model/`): no config value, so no schema field. Every other type the generator cannot
+# express is an error at registration, never a silent skip. Import paths, so importing this module does not
+# import torch.
 INJECTED = ("torch.nn.Module",)
 EXPRESSIBLE = ("int, float, str, bool, Path, an Enum, a Literal of one type, list[X], tuple[X, ...], dict[str, X] "
                "or X | None of these (int | float is read as float)")
@@ -227,11 +232,20 @@ def schema_for(target: str, injected: tuple[str, ...] = ()) -> type:
     """A dataclass mirroring the typed constructor arguments of ``target`` (an import path), following
     ``**kwargs`` to the base classes' constructors. Raises ``TypeError`` naming the class, the argument and
     the annotation for an argument whose type no config value can have (see ``EXPRESSIBLE``, ``INJECTED``).
-    ``injected``: names of further arguments train.py passes in (the learner's optimiser, runner, ...)."""
+    ``injected``: names of further arguments the job passes in (the learner's optimiser, runner, ...)."""
+    return generate_schema(target, injected)[0]
+
+
+def generate_schema(target: str, injected: tuple[str, ...] = ()) -> tuple[type, set[str]]:
+    """:func:`schema_for`'s schema, and the modules of the classes it was read from (the target, the base
+    classes reached through ``**kwargs``, the classes of annotations and defaults): what the disk cache's entry
+    depends on (:mod:`metalab.schema_cache`)."""
     cls = get_object(target)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=target))]
+    modules = {cls.__module__}
     hints: dict[type, dict[str, Any]] = {}
     for owner, parameter in _constructor_arguments(cls):
+        modules.add(owner.__module__)
         if owner not in hints:
             try:
                 hints[owner] = typing.get_type_hints(vars(owner)["__init__"])
@@ -250,16 +264,37 @@ def schema_for(target: str, injected: tuple[str, ...] = ()) -> type:
             raise TypeError(f"{target}({name}) [declared in {owner.__qualname__}] has no annotation: schema "
                             f"generation needs its type to check config values; annotate it with {EXPRESSIBLE}")
         annotation = hints[owner][name]
+        modules |= {kind.__module__ for kind in _classes_in(annotation)} | {type(parameter.default).__module__}
         if _is_injected(annotation):
             continue
         try:
             kind = _config_type(annotation)
         except TypeError as reason:
             raise TypeError(f"{where}: schema generation cannot express {written} ({reason}); annotate it with "
-                            f"{EXPRESSIBLE}, or add its type to metalab.config.INJECTED if train.py passes the "
+                            f"{EXPRESSIBLE}, or add its type to metalab.config.INJECTED if the job passes the "
                             "object in") from None
         fields.append((name, kind, _field(parameter.default)))
-    return make_dataclass(f"{cls.__name__}Config", fields)
+    return make_dataclass(f"{cls.__name__}Config", fields), modules
+
+
+def _classes_in(annotation: Any) -> list[type]:
+    """The classes an annotation names, at any depth (``dict[str, Color] | None``: dict, str, Color, NoneType)."""
+    found = [annotation] if isinstance(annotation, type) else []
+    for argument in typing.get_args(annotation):
+        found += _classes_in(argument)
+    return found
+
+
+_SCHEMAS: SchemaCache | None = None
+
+
+def schema(target: str, injected: tuple[str, ...] = ()) -> type:
+    """:func:`schema_for`, kept on disk between processes (:mod:`metalab.schema_cache`): rebuilt without
+    importing ``target`` while what it was read from is unchanged. :func:`register_configs` saves new ones."""
+    global _SCHEMAS
+    if _SCHEMAS is None:
+        _SCHEMAS = SchemaCache(generate_schema)
+    return _SCHEMAS.get(target, injected)
 
 
 def register_configs(root: Path | None = None) -> None:
@@ -280,7 +315,9 @@ def register_configs(root: Path | None = None) -> None:
         for option in sorted((root / group).glob("*.yaml")):
             target = (yaml.safe_load(option.read_text()) or {}).get("_target_")
             if target:
-                store.store(group=group, name=f"{option.stem}_schema", node=schema_for(target))
+                store.store(group=group, name=f"{option.stem}_schema", node=schema(target))
+    if _SCHEMAS is not None:
+        _SCHEMAS.save()
 
 
 def config_groups_help() -> str:

@@ -12,13 +12,16 @@ list is involved (``savefig`` renders PNG with Agg), so nothing leaks however ma
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from torch import Tensor
 
-from metalab.tasks.episodes import Task
+if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from metalab.tasks.episodes import Task  # (importing metalab.tasks imports every family: learn2learn, PIL)
 
 VALIDATION_CURVE = "figures/validation_curve.png"  # artifact paths in the run
 TEST_EPISODE = "figures/test_episode.png"
@@ -34,6 +37,8 @@ def validation_curve(history: Mapping[str, Mapping[int, float]]) -> Figure | Non
     panels = [quantity for quantity in PANELS if history.get(f"post_{quantity}")]
     if not panels:
         return None
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6 * len(panels), 4), layout="constrained")
     for axes, quantity in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for when, (label, colour) in WHEN.items():
@@ -76,6 +81,8 @@ def episode_grid(task: Task, predicted: Tensor, max_ways: int = 10, max_per_clas
             for k in classes]
     shots = max(len(images) for images, _ in rows)
     columns = shots + max(len(queries) for _, queries in rows)
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(1.1 * columns, 1.25 * len(rows) + 0.6), layout="constrained")
     grid = figure.subplots(len(rows), columns, squeeze=False)
     for k, ((images, queries), axes_row) in enumerate(zip(rows, grid, strict=True)):

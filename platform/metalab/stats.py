@@ -12,10 +12,10 @@ every n, rather than a switch at some n, means no interval jumps when a setting 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-from scipy import stats
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Z_95 = 1.959964  # the standard normal's 97.5% quantile: the large-n limit of t_95, as few-shot papers use
 INTERVAL = "95% CI, Student's t with n−1 degrees of freedom"  # what every "±" is, for captions and docs
@@ -24,7 +24,11 @@ INTERVAL = "95% CI, Student's t with n−1 degrees of freedom"  # what every "±
 def t_95(n: int) -> float:
     """Student's t 97.5% quantile with ``n − 1`` degrees of freedom (the 95% two-sided factor for n values);
     NaN for n < 2, where no interval exists."""
-    return float(stats.t.ppf(0.975, n - 1)) if n >= 2 else math.nan
+    if n < 2:
+        return math.nan
+    from scipy import stats  # here: importing scipy.stats takes ~0.4 s, and only an interval needs it
+
+    return float(stats.t.ppf(0.975, n - 1))
 
 
 def ci95_half_width(std: float, n: int) -> float:
@@ -43,4 +47,4 @@ def mean_and_ci95(values: Tensor) -> tuple[float, float]:
     mean = values.mean().item()
     if n == 1:
         return mean, math.nan
-    return mean, ci95_half_width(torch.std(values, correction=1).item(), n)
+    return mean, ci95_half_width(values.std(correction=1).item(), n)

@@ -42,7 +42,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import matplotlib
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -52,10 +51,9 @@ from metalab.algorithms.base import Context, FitReport, GradientBasedAlgorithm, 
 from metalab.algorithms.functional import task_local_modules
 from metalab.errors import ConfigError
 
-matplotlib.use("Agg")  # figures go to files, never to a screen
-from matplotlib import pyplot as plt
-
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from metalab.tasks.episodes import Task
 
 Weights = dict[str, Tensor]  # a network's parameters (and buffers) by name, for functional_call
@@ -266,9 +264,12 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
         return FitReport(metrics, {"maml_pp_lrs.png": _rates_figure(rates, names)})
 
 
-def _rates_figure(rates: Tensor, names: list[str]) -> plt.Figure:
+def _rates_figure(rates: Tensor, names: list[str]) -> Figure:
     """A heat map of the learned rates, one row per parameter tensor, one column per inner step."""
-    figure, axes = plt.subplots(figsize=(2.0 + 0.9 * rates.shape[1], 1.2 + 0.32 * len(names)))
+    from matplotlib.figure import Figure  # here, when drawn; a plain Figure: no pyplot, no screen backend
+
+    figure = Figure(figsize=(2.0 + 0.9 * rates.shape[1], 1.2 + 0.32 * len(names)))
+    axes = figure.subplots()
     image = axes.imshow(rates.numpy(), aspect="auto", cmap="viridis")
     if rates.numel() <= 200:  # few enough cells to print each value
         for row in range(rates.shape[0]):

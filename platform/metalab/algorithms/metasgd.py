@@ -9,15 +9,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import learn2learn as l2l
-import matplotlib
 import torch
 from torch import Tensor, nn
 
 from metalab.algorithms.base import Context, FitReport, GradientBasedAlgorithm, Predictor
 from metalab.algorithms.functional import checkpointed_sgd, vectorised_sgd
-
-matplotlib.use("Agg")  # figures go to files, never to a screen
-from matplotlib import pyplot as plt
 
 if TYPE_CHECKING:
     from metalab.tasks.episodes import Task
@@ -63,7 +59,10 @@ class MetaSGD(GradientBasedAlgorithm):
         metrics = {"metasgd/lr_mean": rates.mean().item(), "metasgd/lr_std": rates.std().item(),
                    "metasgd/lr_min": rates.min().item(), "metasgd/lr_max": rates.max().item(),
                    "metasgd/lr_negative_fraction": (rates < 0).float().mean().item()}
-        figure, axes = plt.subplots(figsize=(6, 4))
+        from matplotlib.figure import Figure  # here, when drawn; a plain Figure: no pyplot, no screen backend
+
+        figure = Figure(figsize=(6, 4))
+        axes = figure.subplots()
         axes.hist(rates.numpy(), bins=60)
         axes.set(xlabel="learned inner learning rate α", ylabel="parameters",
                  title=f"Meta-SGD rates ({rates.numel()} parameters)")

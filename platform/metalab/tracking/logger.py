@@ -6,11 +6,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib import pyplot as plt
-from matplotlib.figure import Figure
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
@@ -18,6 +17,9 @@ from pytorch_lightning.loggers import Logger, MLFlowLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from metalab.tracking.client import fit_tags
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class MLflowRunLogger(MLFlowLogger):
@@ -56,7 +58,7 @@ class MLflowRunLogger(MLFlowLogger):
             if rank_zero_only.rank == 0:
                 self.experiment.log_figure(self.run_id, figure, file_name)
         finally:
-            plt.close(figure)  # on every rank: an open figure holds its memory until closed
+            close(figure)  # on every rank: an open figure holds its memory until closed
 
 
 class ResumedMLFlowLogger(MLflowRunLogger):
@@ -110,4 +112,13 @@ def report(logger: Logger | None, tags: Mapping[str, str] | None = None,
                 logger.log_figure(figure, file_name)
     finally:
         for figure in figures.values():
-            plt.close(figure)  # closing a closed figure does nothing
+            close(figure)  # closing a closed figure does nothing
+
+
+def close(figure: Figure) -> None:
+    """Close a figure pyplot made (``plt.subplots``: pyplot keeps it open until closed). metalab draws plain
+    ``Figure`` objects, which pyplot does not hold, so pyplot is not imported for them: a figure pyplot holds was
+    made with pyplot imported."""
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(figure)

@@ -19,13 +19,15 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from metalab.tracking.pending import PENDING_TAG, PendingFile, Sender, groups, reason, refused
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RETRY_EVERY_S = 5.0  # between attempts while the store does not take records
 # Records are sent at most this often (the run's end sends at once). Each send costs the store a transaction
