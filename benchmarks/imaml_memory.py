@@ -117,7 +117,6 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         result["bytes"] = sampler.peak - sampler.base
 
 
-@dataclasses.dataclass
 def timed_with_graph(work: Callable[[], None], repeats: int) -> tuple[float, float]:
     """The best of ``repeats`` timed calls of ``work`` (seconds), then one more measured by
     :class:`GraphMemory` (the peak bytes of its autograd graph)."""
@@ -132,6 +131,7 @@ def timed_with_graph(work: Callable[[], None], repeats: int) -> tuple[float, flo
     return min(seconds), meter.peak
 
 
+@dataclasses.dataclass
 class Measurement:
     seconds: float
     graph_bytes: int
