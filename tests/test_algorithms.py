@@ -140,7 +140,8 @@ KANJI = ["task=kanji", *SHORT, "task.num_classes=300", "task.queries=5", "task.m
 
 @pytest.mark.parametrize(("algorithm", "overrides"), [
     ("protonet", ["trainer.max_steps=60"]),
-    ("anil", ["trainer.max_steps=150", "algorithm.inner_lr=0.5", "algorithm.inner_steps=3"]),
+    pytest.param("anil", ["trainer.max_steps=150", "algorithm.inner_lr=0.5", "algorithm.inner_steps=3"],
+                 marks=pytest.mark.slow),  # ~30 s; `make test` keeps the protonet run
 ])
 def test_classifiers_learn_kanji_well_above_chance(job, kanji_cache, algorithm: str, overrides: list[str]) -> None:
     metrics = train(job("tracking=none", f"algorithm={algorithm}", *KANJI, f"task.cache_dir={kanji_cache}",

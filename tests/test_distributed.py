@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
@@ -28,6 +29,7 @@ def weights_after_one_step(tmp_path: Path, name: str, *overrides: str) -> dict[s
     return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow  # ~45 s; `make test` keeps the README's ddp_cpu command below
 def test_two_gloo_processes_give_the_single_process_meta_gradient_and_one_run(tmp_path: Path) -> None:
     """SGD moves the weights by -lr × meta-gradient: equal moves from equal starts mean equal meta-gradients."""
     start = weights_after_one_step(tmp_path, "start", "optimizer.lr=0.0")

@@ -191,6 +191,7 @@ def test_maml_pp_learns_sinusoids_and_records_its_rates(job, tmp_path) -> None:
     assert "maml_pp_lrs.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow  # ~30 s; `make test` keeps MAML++ learning sinusoids
 def test_maml_pp_learns_kanji_well_above_chance(job, kanji_cache) -> None:
     metrics = train(job("tracking=none", "algorithm=maml_pp", *KANJI, f"task.cache_dir={kanji_cache}",
                         "trainer.max_steps=80", "algorithm.inner_lr=0.4", "algorithm.inner_steps=2",

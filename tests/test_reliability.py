@@ -89,6 +89,7 @@ def test_unwritable_sqlite_folder_is_refused(job) -> None:
         train(job("debug=smoke", "tracking.tracking_uri=sqlite:////nonexistent/folder/mlflow.db"))
 
 
+@pytest.mark.slow  # ~60 s; resume is covered in `make test` by the SIGTERM test and tests/test_resume_safety.py
 def test_killed_run_resumes_into_the_same_mlflow_run_and_matches_an_uninterrupted_one(tmp_path: Path) -> None:
     common = ["debug=smoke", "trainer.max_steps=300", "trainer.val_check_interval=100",
               "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=10", "runner.backend=loop",

@@ -184,6 +184,7 @@ def test_config_hash_ignores_where_a_run_writes_and_displays_only(job, tmp_path:
     assert config_hash(job("debug=plumbing", "task.eval_batch_size=1")) != base
 
 
+@pytest.mark.slow  # ~45 s; `make test` keeps the missing-data verdict of a single preset
 def test_a_sweep_preset_without_its_data_is_no_data(tmp_path: Path) -> None:
     """A sweep preset's process exits 0 when its jobs fail: the row still says why, as a single run's would."""
     result = reproduce_cli(["maml_pp_ablation_omniglot_20w1s", "--budget", "smoke", "task.root=/nonexistent/omniglot"],

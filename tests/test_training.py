@@ -128,6 +128,7 @@ def test_sampling_workers_serve_the_same_task_stream(job) -> None:
     assert train(job(*overrides, "sampling_workers=2")) == train(job(*overrides, "sampling_workers=0"))
 
 
+@pytest.mark.slow  # ~60 s; `make test` keeps kanji learning in tests/test_algorithms.py (protonet)
 def test_fomaml_learns_kanji_5way_1shot_well_above_chance(job, kanji_cache) -> None:
     """A short real run on the offline image family: CNN4 (32 channels) from scratch, 150 meta-iterations."""
     metrics = train(job("task=kanji", "model=cnn4", "algorithm=fomaml", *SHORT, f"task.cache_dir={kanji_cache}",
