@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,9 @@ from torch.func import functional_call
 from metalab.algorithms import Context, MetaAlgorithm
 from metalab.algorithms.functional import task_local_modules, vectorised_sgd
 from metalab.config import config_dir
+from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
-from metalab.models import MLP
+from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner
 from metalab.tasks import SinusoidRegression
 from tests.test_meta_gradient import double_tasks
@@ -123,3 +125,17 @@ def test_an_algorithm_that_owns_its_outer_step_takes_it_instead_of_the_runner() 
     # sign steps of lr 0.01 (a mean gradient's sign is ±1 where it is not 0): whole multiples, at most three
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
     assert steps.abs().max() <= 3 + 1e-3 and (steps.abs() > 2.5).any()
+
+
+@pytest.mark.parametrize(("layers", "image_size"), [(1, 28), (2, 16), (3, 28), (4, 28), (4, 84)])
+def test_cnn4_of_any_depth_sizes_its_head_for_learn2learns_pooling(layers: int, image_size: int) -> None:
+    """learn2learn's blocks max-pool by 2·(4 // layers): the head must take what the blocks leave."""
+    model = CNN4(5, channels=1, image_size=image_size, hidden_size=8, layers=layers)
+    assert model(torch.randn(2, 1, image_size, image_size)).shape == (2, 5)
+
+
+def test_cnn4_refuses_a_depth_or_image_learn2learns_blocks_cannot_pool() -> None:
+    with pytest.raises(ConfigError, match=r"^model.layers must be 1 to 4 .*got 5$"):
+        CNN4(5, layers=5)
+    with pytest.raises(ConfigError, match=r"image_size >= 16 for layers=2, got .*image_size=8$"):
+        CNN4(5, image_size=8, layers=2)

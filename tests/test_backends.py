@@ -124,12 +124,18 @@ class _VmapFails(MAML):
         raise RuntimeError("vmap: We do not support batching operators that can output dynamic shape")
 
 
+def run_steps(runner: TaskRunner, algorithm: MetaAlgorithm, steps: int, tasks: Episodes | None = None) -> None:
+    """``steps`` meta-iterations' meta-losses and backward passes (no outer update), as the learner runs them."""
+    for _ in range(steps):
+        _, loss = runner.meta_loss(algorithm, tasks or double_tasks(4), Context(F.mse_loss, training=True))
+        loss.backward()
+
+
 def test_auto_drops_a_backend_that_fails_on_the_probe_and_says_why() -> None:
     torch.manual_seed(0)
     runner = TaskRunner("auto")
     algorithm = _VmapFails(MLP(1, (8,), 1).double(), inner_lr=0.05)
-    _, loss = runner.meta_loss(algorithm, double_tasks(4), Context(F.mse_loss, training=True))
-    loss.backward()
+    run_steps(runner, algorithm, 8)
     assert runner.chosen in ("loop", "threads")
     assert runner.probe["vmap"].startswith("failed: RuntimeError: vmap: We do not support batching operators")
     assert runner.probe["loop"].endswith(" ms")
@@ -149,15 +155,41 @@ class _TimedRunner(TaskRunner):
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="auto times threads only on a CPU with several threads")
-def test_auto_times_a_candidate_far_slower_than_the_fastest_once_and_close_ones_twice() -> None:
+def test_auto_probes_on_real_steps_timing_a_far_slower_candidate_once_and_close_ones_twice() -> None:
     runner = _TimedRunner({"loop": 0.05, "threads": 0.05, "vmap": 0.25})
-    _, loss = runner.meta_loss(MAML(MLP(1, (8,), 1).double(), inner_lr=0.05), double_tasks(4),
-                               Context(F.mse_loss, training=True))
-    loss.backward()
-    # warm-up + timed rounds of the probe (vmap 5x slower: timed once), then the meta-batch's own meta-loss
+    run_steps(runner, MAML(MLP(1, (8,), 1).double(), inner_lr=0.05), 10)
+    # 10 steps, 10 meta-losses: the probe runs no meta-batch of its own. A warm-up step and a timed one per
+    # candidate, a second timed step for the close ones (vmap, 5x slower, gets none), then the chosen one.
+    assert sum(runner.calls.values()) == 10
     chosen = {name: int(name == runner.chosen) for name in runner.calls}
-    assert runner.calls == {"loop": 3 + chosen["loop"], "threads": 3 + chosen["threads"], "vmap": 2}
+    assert runner.calls == {"loop": 3 + 2 * chosen["loop"], "threads": 3 + 2 * chosen["threads"], "vmap": 2}
     assert runner.chosen in ("loop", "threads")
+
+
+def test_the_probe_steps_give_the_loops_meta_gradients() -> None:
+    """Each probe step (vmap, threads, loop in turn) trains as the loop would: same meta-gradient, rel 1e-5."""
+    torch.manual_seed(0)
+    algorithm = MAML(CNN4(3, 1, image_size=16, hidden_size=8).double(), inner_lr=0.1)
+    auto, loop = TaskRunner("auto"), TaskRunner("loop")
+    for step in range(8):
+        tasks = image_tasks(count=3)
+        gradients = []
+        for runner in (auto, loop):
+            algorithm.zero_grad()
+            _, loss = runner.meta_loss(algorithm, tasks, Context(F.cross_entropy, training=True))
+            loss.backward()
+            gradients.append([p.grad.clone() for p in algorithm.parameters()])
+        for got, expected in zip(*gradients, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10, msg=f"step {step}")
+    assert auto.chosen is not None and auto._seconds.keys() >= {"loop", "vmap"}
+
+
+def test_a_run_shorter_than_the_probe_keeps_the_fastest_backend_measured() -> None:
+    runner = _TimedRunner({"loop": 0.0, "threads": 0.0, "vmap": 0.0})
+    run_steps(runner, MAML(MLP(1, (8,), 1).double(), inner_lr=0.05), 2)  # warm-ups of two candidates only
+    assert runner.chosen is None
+    runner.settle()
+    assert runner.chosen in ("loop", "threads") and runner.probe["loop"].endswith(" ms")
 
 
 def test_auto_never_probes_vmap_for_an_algorithm_that_does_not_declare_it() -> None:

@@ -25,7 +25,7 @@ from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner
 from metalab.tasks import Episodes
 from metalab.tasks.episodes import Task
-from tests.test_backends import image_tasks, meta_gradient
+from tests.test_backends import image_tasks, meta_gradient, run_steps
 from tests.test_meta_gradient import double_tasks
 
 
@@ -164,6 +164,6 @@ def test_vmap_with_checkpointing_is_refused_and_auto_drops_it(job) -> None:
         build(cfg, seed=0)
     assert re.fullmatch(VMAP_REFUSED, one_line(error.value))
     runner = TaskRunner("auto")
-    runner.meta_loss(algorithm, double_tasks(4), Context(F.mse_loss, training=True))
+    run_steps(runner, algorithm, 6)
     assert runner.chosen in ("loop", "threads")
     assert runner.probe["vmap"].startswith("failed: algorithm.inner_checkpointing=true")

@@ -28,7 +28,7 @@ def test_default_run_shows_metalab_header_progress_and_results_only(tmp_path: Pa
     header, budget, tracked = result.stdout.splitlines()[:3]
     assert re.fullmatch(r"metalab: maml on sinusoid, model mlp \([\d,]+ parameters\)", header), header
     assert budget.startswith("  20 meta-iterations on cpu")  # (where a GPU sits idle, a hint follows)
-    assert budget.endswith(", runner backend auto (timed on the first meta-batch)"), budget
+    assert budget.endswith(", runner backend auto (timed on the first steps)"), budget
     assert re.fullmatch(r"  tracking: sqlite:///mlflow\.db, experiment sinusoid, run maml-sinusoid-\d{8}-\d{6}",
                         tracked), tracked
     # The bar counts meta-iterations up to trainer.max_steps, with the train loss and the last validation.

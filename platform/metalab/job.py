@@ -168,7 +168,7 @@ def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking:
     parameters = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     budget = " or ".join(([f"{trainer.max_steps} meta-iterations"] if trainer.max_steps > 0 else []) +
                          ([f"max_time {cfg.trainer.max_time}"] if cfg.trainer.max_time else [])) or "no step limit"
-    backend = learner.runner.backend + (" (timed on the first meta-batch)" if learner.runner.backend == "auto" else "")
+    backend = learner.runner.backend + (" (timed on the first steps)" if learner.runner.backend == "auto" else "")
     print(f"metalab: {choices.get('algorithm')} on {choices.get('task')}, model {choices.get('model')} "
           f"({parameters:,} parameters)")
     print(f"  {budget} on {device(trainer)}, runner backend {backend}")

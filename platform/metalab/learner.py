@@ -66,6 +66,7 @@ class MetaLearner(pl.LightningModule):
                               f"{type(algorithm).__name__} has none: set test_curve_steps=0")
         self.algorithm = algorithm
         self.runner = runner or TaskRunner()
+        self._backend_recorded = False  # the metalab.backend tag is written once, when the backend is known
         self.runner.check(algorithm)
         self.test_curve_steps = test_curve_steps
         # An algorithm that owns its outer step (e.g. TRPO) steps the optimiser itself: manual optimisation.
@@ -133,13 +134,24 @@ class MetaLearner(pl.LightningModule):
         return connector is None or connector.should_update_logs
 
     def on_train_batch_end(self, outputs: object, batch: Episodes, batch_idx: int) -> None:
-        """Record the backend the runner uses (once, after the first meta-batch) and what ``auto`` measured."""
-        if batch_idx == 0 and self.runner.chosen:
-            tags = {"metalab.backend": self.runner.chosen}
-            if self.runner.probe:
-                tags["metalab.backend_probe"] = ", ".join(f"{name} {outcome}"  # "loop 12.3 ms, vmap failed: …"
-                                                          for name, outcome in self.runner.probe.items())
-            report(self.logger, tags=tags)
+        """Record the backend the runner uses, once it is chosen (``auto``: after its probe steps)."""
+        self._record_backend()
+
+    def on_train_end(self) -> None:
+        """A run shorter than ``auto``'s probe keeps the fastest backend measured (evaluation uses it too)."""
+        self.runner.settle(self._agree)
+        self._record_backend()
+
+    def _record_backend(self) -> None:
+        """Tag the run with the chosen backend and what ``auto`` measured (once)."""
+        if self._backend_recorded or self.runner.chosen is None:
+            return
+        self._backend_recorded = True
+        tags = {"metalab.backend": self.runner.chosen}
+        if self.runner.probe:
+            tags["metalab.backend_probe"] = ", ".join(f"{name} {outcome}"  # "loop 12.3 ms, vmap failed: …"
+                                                      for name, outcome in self.runner.probe.items())
+        report(self.logger, tags=tags)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to write non-finite weights: the newest checkpoint stays the last good state to resume from."""

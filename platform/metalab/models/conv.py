@@ -17,12 +17,16 @@ class CNN4(nn.Module):
     def __init__(self, ways: int, channels: int = 1, image_size: int = 28, hidden_size: int = 64,
                  layers: int = 4) -> None:
         super().__init__()
-        if ways < 1 or hidden_size < 1 or layers < 1 or image_size < 2**layers:
-            raise ConfigError(f"model needs ways >= 1, hidden_size >= 1 and image_size >= 2**layers, got ways={ways}, "
-                              f"hidden_size={hidden_size}, image_size={image_size}, layers={layers}")
+        if not 1 <= layers <= 4:
+            raise ConfigError(f"model.layers must be 1 to 4 (learn2learn's CNN4 max-pools each block by "
+                              f"2·(4 // layers), which is 0 beyond 4), got {layers}")
+        pool = 2 * (4 // layers)  # learn2learn's ConvBlock stride: the four blocks' downsampling, whatever layers
         side = image_size
-        for _ in range(layers):  # each block max-pools by 2, flooring
-            side //= 2
+        for _ in range(layers):  # each block max-pools by ``pool``, flooring
+            side //= pool
+        if ways < 1 or hidden_size < 1 or side < 1:
+            raise ConfigError(f"model needs ways >= 1, hidden_size >= 1 and image_size >= {pool ** layers} for "
+                              f"layers={layers}, got ways={ways}, hidden_size={hidden_size}, image_size={image_size}")
         network = l2l.vision.models.CNN4(ways, hidden_size=hidden_size, layers=layers, channels=channels,
                                          max_pool=True, embedding_size=side * side * hidden_size)
         self.features, self.head = network.features, network.classifier

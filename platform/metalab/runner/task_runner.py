@@ -10,10 +10,13 @@ the mean of the tasks' meta-gradients.
 - ``vmap``: the whole (stacked) meta-batch at once through the algorithm's ``vectorised_adapt``; only for
   algorithms that declare it, and not with ``algorithm.inner_checkpointing=true`` (``torch.func`` transforms
   do not support the saved-tensor hooks that checkpointing is built on).
-- ``auto``: times each candidate on the first meta-batch (forward and backward, once after a warm-up, and
-  once more for the candidates within ``PROBE_CLOSE`` of the fastest; ``threads`` only on a CPU with more than
-  one thread) and keeps the fastest (``vmap`` only if it beats the loop by more than ``vmap_margin``). A
-  candidate that fails on the probe batch is dropped and the reason recorded; the run goes on with the others.
+- ``auto``: times each candidate on the first meta-iterations, which are real training steps (so the probe
+  costs only what a slower candidate loses, not extra meta-batches): a warm-up step with each candidate, one
+  timed step each (forward and backward), and one more for the candidates within ``PROBE_CLOSE`` of the fastest
+  (``threads`` only on a CPU with more than one thread); then it keeps the fastest (``vmap`` only if it beats
+  the loop by more than ``vmap_margin``). A candidate that fails is dropped, the reason recorded, and that step
+  done by the loop. The backends give the same meta-gradient (tests/test_backends.py), so which one did a step
+  does not change the run. A run that ends before the probe does keeps the fastest measured so far.
 
 An algorithm with ``sequential_tasks`` (each task starts from state the one before left, e.g. Reptile's
 carried inner Adam) runs with the loop only: its result depends on task order, which ``threads`` and ``vmap``
@@ -59,8 +62,8 @@ class TaskRunner:
         vmap_margin: how much faster than the loop ``vmap`` must be for ``auto`` to keep it (it has other
             numerics and more memory); ``threads`` runs the loop's own computation, so faster at all is enough.
 
-    After the first meta-batch, ``chosen`` is the backend in use and ``probe`` holds what ``auto`` measured
-    (``{"loop": "12.3 ms", "vmap": "failed: RuntimeError: …"}``).
+    Once ``auto`` has decided (after at most ``2 · candidates + 2`` meta-iterations), ``chosen`` is the backend in
+    use and ``probe`` holds what it measured (``{"loop": "12.3 ms", "vmap": "failed: RuntimeError: …"}``).
     """
 
     def __init__(self, backend: str = "auto", vmap_margin: float = 0.05) -> None:
@@ -72,6 +75,9 @@ class TaskRunner:
         self.vmap_margin = vmap_margin
         self.chosen: str | None = None if backend == "auto" else backend
         self.probe: dict[str, str] = {}
+        self._trials: list[tuple[str, bool]] | None = None  # auto's steps to come: (backend, timed), in order
+        self._seconds: dict[str, list[float]] = {}  # auto's timings: warm-up first, then the timed steps
+        self._second_round = False
 
     def check(self, algorithm: MetaAlgorithm) -> None:
         """Refuse a backend the algorithm cannot run, before anything is trained."""
@@ -94,11 +100,35 @@ class TaskRunner:
         ``agree``: with several processes, turns this process's choice of backend into the one every
         process uses (rank 0's).
         """
+        if self.chosen is None and self._trials is None:
+            self._trials = self._plan(algorithm, episodes)
+        if self.chosen is None and not self._trials:
+            self.settle(agree)
         if self.chosen is None:
-            self.chosen = self._probe(algorithm, episodes, context)
-            if agree is not None:
-                self.chosen = agree(self.chosen)
+            return self._trial(*self._trials.pop(0), algorithm, episodes, context)
         return self._meta_loss(self.chosen, algorithm, episodes, context)
+
+    def settle(self, agree: Callable[[str], str] | None = None) -> None:
+        """End ``auto``'s probe now: keep the fastest candidate measured (timed steps first, else warm-ups), or
+        plan the second round of timing if it is due. No-op once chosen or before the probe began."""
+        if self.chosen is not None or self._trials is None:
+            return
+        timed = {name: min(times[1:]) for name, times in self._seconds.items() if len(times) > 1}
+        close = [name for name in timed if timed[name] <= PROBE_CLOSE * min(timed.values())] if timed else []
+        if not self._trials and not self._second_round and len(close) > 1:
+            self._second_round = True
+            self._trials = [(name, True) for name in close]
+            return
+        seconds = timed or {name: times[0] for name, times in self._seconds.items()}
+        self.probe = {name: f"{seconds[name] * 1000:.1f} ms" if name in seconds else self.probe.get(name, "not timed")
+                      for name in self.probe}
+        needed = {"loop": 1.0, "threads": 1.0, "vmap": 1.0 - self.vmap_margin}
+        reference = seconds.get("loop", min(seconds.values(), default=0.0))
+        qualified = [name for name in seconds if seconds[name] <= needed[name] * reference]
+        self.chosen = min(qualified, key=seconds.__getitem__) if qualified else "loop"
+        self._trials = []
+        if agree is not None:
+            self.chosen = agree(self.chosen)
 
     @staticmethod
     def share(episodes: Episodes, rank: int, world_size: int) -> tuple[Episodes, float]:
@@ -169,51 +199,45 @@ class TaskRunner:
         loss = torch.stack([o.loss for o in outcomes]).mean()
         return _stacked([o.prediction for o in outcomes]), with_gradient(loss, parameters, mean_gradient)
 
-    def _probe(self, algorithm: MetaAlgorithm, episodes: Episodes, context: Context) -> str:
-        """Time one meta-gradient with each candidate backend on this meta-batch; return the fastest."""
+    def _plan(self, algorithm: MetaAlgorithm, episodes: Episodes) -> list[tuple[str, bool]]:
+        """``auto``'s candidates for this algorithm and meta-batch, each a warm-up step then a timed one (in
+        ``probe``, in order); with a single candidate, that one is chosen at once."""
         if algorithm.sequential_tasks:
-            self.probe = {"loop": "only candidate (sequential_tasks)"}
-            return "loop"
+            self.probe, self.chosen = {"loop": "only candidate (sequential_tasks)"}, "loop"
+            return []
         candidates = ["loop"]
         if _on_cpu(episodes) and torch.get_num_threads() > 1:
             candidates.append("threads")
         if vectorises(algorithm) and episodes.stacked:
             candidates.append("vmap")
-            if _checkpoints_inner_loop(algorithm):  # recorded as a failure: never timed, never chosen
-                self.probe["vmap"] = f"failed: algorithm.inner_checkpointing=true ({NO_VMAP})"
+        self.probe = dict.fromkeys(candidates, "not timed")
+        if "vmap" in candidates and _checkpoints_inner_loop(algorithm):  # a failure: never timed, never chosen
+            self.probe["vmap"] = f"failed: algorithm.inner_checkpointing=true ({NO_VMAP})"
+            candidates.remove("vmap")
+        if len(candidates) == 1:
+            self.chosen = "loop"
+            return []
+        return [(name, False) for name in candidates] + [(name, True) for name in candidates]
+
+    def _trial(self, backend: str, timed: bool, algorithm: MetaAlgorithm, episodes: Episodes,
+               context: Context) -> tuple[Predictions, Tensor]:
+        """One probe step: this meta-batch's meta-loss with ``backend``, its meta-gradient taken here (so the
+        time covers forward and backward, and a failing backward is caught) and handed on through
+        ``with_gradient``. A candidate that fails is dropped, its reason kept, and the loop does the step."""
         parameters = algorithm.meta_parameters()
-        seconds: dict[str, float] = {}
-
-        def timed(backend: str) -> float | None:
-            """Seconds of one meta-gradient with ``backend``; ``None`` (and the reason recorded) if it fails."""
-            start = time.perf_counter()
-            try:
-                _, loss = self._meta_loss(backend, algorithm, episodes, context)
-                torch.autograd.grad(loss, parameters, allow_unused=True)  # leaves .grad untouched
-            except Exception as error:
-                if backend == "loop":  # the reference itself fails: that is the run's error, not the probe's
-                    raise
-                self.probe[backend] = f"failed: {one_line(error)[:200]}"
-                return None
-            return time.perf_counter() - start
-
-        # Paid once per run, so kept short: a warm-up of each candidate (first calls build kernels and caches),
-        # one timed round, and a second round (best of two) only between candidates close to each other.
-        for backend in candidates:
-            if backend not in self.probe:
-                timed(backend)
-        for backend in candidates:
-            if backend not in self.probe and (elapsed := timed(backend)) is not None:
-                seconds[backend] = elapsed
-        close = [name for name in seconds if seconds[name] <= PROBE_CLOSE * min(seconds.values())]
-        for backend in close if len(close) > 1 else []:
-            if (elapsed := timed(backend)) is not None:
-                seconds[backend] = min(elapsed, seconds[backend])
-        self.probe = {name: f"{seconds[name] * 1000:.1f} ms" if name in seconds else self.probe[name]
-                      for name in candidates}
-        needed = {"loop": 1.0, "threads": 1.0, "vmap": 1.0 - self.vmap_margin}
-        qualified = [name for name in seconds if seconds[name] <= needed[name] * seconds["loop"]]
-        return min(qualified, key=seconds.__getitem__)
+        start = time.perf_counter()
+        try:
+            predictions, loss = self._meta_loss(backend, algorithm, episodes, context)
+            gradient = list(torch.autograd.grad(loss, parameters, allow_unused=True))
+        except Exception as error:
+            if backend == "loop":  # the reference itself fails: that is the run's error, not the probe's
+                raise
+            self.probe[backend] = f"failed: {one_line(error)[:200]}"
+            self._trials = [trial for trial in self._trials if trial[0] != backend]
+            self._seconds.pop(backend, None)
+            return self._meta_loss("loop", algorithm, episodes, context)
+        self._seconds.setdefault(backend, []).append(time.perf_counter() - start)
+        return predictions, with_gradient(loss.detach(), parameters, gradient)
 
 
 def _checkpoints_inner_loop(algorithm: MetaAlgorithm) -> bool:
