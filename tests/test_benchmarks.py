@@ -4,6 +4,7 @@ against runs, metalab-train's "took" line parses into the phases it printed, and
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,3 +32,14 @@ def test_metalab_runs_in_a_terminal_as_users_see_it(tmp_path: Path) -> None:
     command = [sys.executable, "-c", "import sys; print(sys.stdout.isatty())"]
     assert run_process(command, tmp_path, terminal=True)[0].strip() == "True"
     assert run_process(command, tmp_path, terminal=False)[0].strip() == "False"
+
+
+def test_the_evaluation_memory_benchmark_shows_the_lazy_tasks_hold_one_batch() -> None:
+    """The lazy variant holds one batch of 6 tasks, the up-front one all 60 (6.5 MB each as float)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eval_memory.py"
+    results = {}
+    for variant in ("up front", "lazily"):
+        output = subprocess.run([sys.executable, str(script), "--variant", variant, "--tasks", "60",
+                                 "--eval-batch-size", "6"], check=True, capture_output=True, text=True).stdout
+        results[variant] = json.loads(output.strip().splitlines()[-1])
+    assert results["up front"]["peak_mb"] > results["lazily"]["peak_mb"] + 200  # 60 tasks: ~390 MB up front

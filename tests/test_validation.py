@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from metalab.job import train
+from metalab.tasks import SinusoidRegression
 from metalab.validation import val_check_interval
 from tests.conftest import compose_job
 
@@ -71,3 +72,30 @@ def test_a_resumed_run_validates_at_its_new_last_step(tmp_path: Path) -> None:
     # logged once, where it happened, although the resumed interval does not fall on the checkpoint's step.
     assert steps(client, run_id, "meta_val/post_loss") == [1, 3, 5, 6, 8, 10]
     assert steps(client, run_id, "meta_train/loss") == list(range(11))
+
+
+def evaluation_tasks(family: SinusoidRegression, split: str = "test") -> list:
+    loader = family.test_dataloader() if split == "test" else family.val_dataloader()
+    return [batch for batch in loader]
+
+
+def test_evaluation_tasks_are_drawn_batch_by_batch_and_the_same_whatever_the_batch_size() -> None:
+    family = SinusoidRegression(test_tasks=7, eval_batch_size=3)
+    drawn = []
+    sample = family.sample
+    family.sample = lambda count, generator, split: drawn.append(count) or sample(count, generator, split)
+    loader = family.test_dataloader()
+    assert drawn == []  # nothing drawn before a batch is asked for
+    first = next(iter(loader))
+    assert len(first) == 3 and sum(drawn) == 3  # one batch in memory, not the 7 tasks
+    batches = evaluation_tasks(family)
+    assert [len(batch) for batch in batches] == [3, 3, 1]
+    whole = evaluation_tasks(SinusoidRegression(test_tasks=7, eval_batch_size=7))[0]
+    for name in ("support_x", "support_y", "query_x", "query_y"):  # the same tasks, whatever the batch size
+        assert torch.equal(torch.cat([getattr(batch, name) for batch in batches]), getattr(whole, name))
+    again = evaluation_tasks(family)  # and the same at every validation of a run, and in every run
+    assert all(torch.equal(a.query_x, b.query_x) for a, b in zip(batches, again, strict=True))
+    assert not torch.equal(whole.query_y, evaluation_tasks(SinusoidRegression(test_tasks=7, eval_batch_size=7,
+                                                                              eval_seed=2))[0].query_y)
+    validation = evaluation_tasks(SinusoidRegression(val_tasks=7, eval_batch_size=7), "val")[0]
+    assert not torch.equal(validation.query_y, whole.query_y)  # validation and test tasks differ

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from metalab.errors import ConfigError
 from metalab.tasks.episodes import Episodes
@@ -25,7 +25,8 @@ class TaskFamily(pl.LightningDataModule):
 
     Meta-training draws fresh meta-batches forever from a generator seeded by ``seed``. Validation and
     test use fixed task sets drawn from ``eval_seed``, the same for every run whatever its training seed,
-    so runs (and seeds) are compared on identical tasks. Subclasses implement :meth:`sample`.
+    so runs (and seeds) are compared on identical tasks; each batch of them is drawn when it is evaluated
+    (:class:`FixedTasks`), so memory holds one batch, not the set. Subclasses implement :meth:`sample`.
 
     Arguments (every family's; a subclass takes ``**kwargs`` and passes them up, so its schema has these too):
         meta_batch_size: tasks per outer-loop update.
@@ -101,10 +102,31 @@ class TaskFamily(pl.LightningDataModule):
         return self._fixed_loader("test", self.test_tasks, offset=2)
 
     def _fixed_loader(self, split: str, num_tasks: int, offset: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.eval_seed * 1000 + offset)
-        tasks = self.sample(num_tasks, generator, split)
-        batches = [tasks[start:start + self.eval_batch_size] for start in range(0, num_tasks, self.eval_batch_size)]
-        return DataLoader(batches, batch_size=None)
+        return DataLoader(FixedTasks(self, split, num_tasks, offset), batch_size=None)
+
+
+class FixedTasks(Dataset):
+    """The fixed validation or test tasks of a family, in batches of ``eval_batch_size``, drawn when a batch is
+    asked for: task ``i`` from a generator seeded by (``eval_seed``, the split's offset, ``i``), so the tasks are
+    the same in every run and every validation whatever the batch size, and only one batch is in memory (600
+    mini-ImageNet-shaped tasks drawn up front took about 4 GB: ``benchmarks/eval_memory.py``)."""
+
+    def __init__(self, family: TaskFamily, split: str, num_tasks: int, offset: int) -> None:
+        self.family, self.split, self.num_tasks, self.offset = family, split, num_tasks, offset
+
+    def __len__(self) -> int:
+        return -(-self.num_tasks // self.family.eval_batch_size)
+
+    def __getitem__(self, batch: int) -> Episodes:
+        if not 0 <= batch < len(self):
+            raise IndexError(batch)
+        start = batch * self.family.eval_batch_size
+        indices = range(start, min(start + self.family.eval_batch_size, self.num_tasks))
+        return Episodes.of([self.family.sample(1, self.generator(index), self.split)[0] for index in indices])
+
+    def generator(self, index: int) -> torch.Generator:
+        state = np.random.SeedSequence([self.family.eval_seed, self.offset, index]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
 class _EndlessMetaBatches(IterableDataset):

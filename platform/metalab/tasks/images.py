@@ -15,9 +15,11 @@ from torch.utils.data import TensorDataset
 
 from metalab.errors import ConfigError
 from metalab.tasks.base import TaskFamily
-from metalab.tasks.episodes import Episodes
+from metalab.tasks.episodes import Episodes, Task
+from metalab.tasks.meta_dataset_sampling import EpisodeDescription, EpisodeRules, MetaDatasetSampler
 
 SPLITS = ("train", "val", "test")
+SAMPLERS = ("fixed", "meta_dataset")
 
 
 @dataclass
@@ -30,6 +32,12 @@ class LabelledImages:
 
     def samples_per_class(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=len(self.class_names))
+
+    def superclasses(self) -> list[str] | None:
+        """Each class's group (e.g. its alphabet) where every class is named ``group/name``, else ``None``."""
+        if not all("/" in name for name in self.class_names):
+            return None
+        return [name.rsplit("/", 1)[0] for name in self.class_names]
 
 
 class ImageClassFamily(TaskFamily):
@@ -45,14 +53,29 @@ class ImageClassFamily(TaskFamily):
     so episodes depend on the run's seed alone. Images are served as float in [0, 1], (C, H, W), with
     ``channels`` 1 (grey) or 3 (RGB) whatever the data's own. ``kwargs``: :class:`TaskFamily`'s; a subclass
     takes ``**kwargs`` too and names an argument of these only to give it another default.
+
+    ``sampler=meta_dataset`` draws Meta-Dataset's episodes instead (Triantafillou et al. 2020; every split): 5 to
+    50 ways, per-class support sizes proportional to the classes' sizes, up to 500 support images and 10
+    queries per class (:mod:`metalab.tasks.meta_dataset_sampling`; ``meta_dataset``: its rules, e.g.
+    ``{max_ways: 20}``); where every class is named ``group/name`` (kanji, Omniglot: ``alphabet/character``) a
+    group is drawn first, as Meta-Dataset draws Omniglot's alphabets. ``ways``/``shots``/``queries`` then
+    apply to nothing; tasks of one meta-batch differ in shape (ragged :class:`Episodes`), so ``runner.backend``
+    is ``loop`` or ``threads``, and the algorithm must not need a fixed number of ways (``protonet``).
+    learn2learn's transforms draw fixed ways and shots only, hence metalab's sampler.
     """
 
     problem = "classification"
 
     def __init__(self, *, ways: int = 5, shots: int = 1, queries: int = 15, channels: int = 1,
                  train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
-                 **kwargs: Any) -> None:
+                 sampler: str = "fixed", meta_dataset: dict[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"task.sampler must be {' or '.join(SAMPLERS)}, got {sampler!r}")
+        self.sampler = sampler
+        self.rules = EpisodeRules.from_settings(meta_dataset) if sampler == "meta_dataset" else None
+        self._samplers: dict[str, MetaDatasetSampler] = {}
+        self._members: dict[str, list[torch.Tensor]] = {}  # per split, each class's image indices
         for key, value in {"ways": ways, "shots": shots, "queries": queries, "train_ways": train_ways,
                            "train_shots": train_shots, "train_queries": train_queries}.items():
             if value is not None and value < 1:
@@ -71,7 +94,21 @@ class ImageClassFamily(TaskFamily):
     def prepare(self) -> None:
         """Load every split and check it can serve the configured episodes (fails at start, not mid-run)."""
         for split in SPLITS:
-            self.taskset(split)
+            self.meta_dataset_sampler(split) if self.sampler == "meta_dataset" else self.taskset(split)
+
+    def meta_dataset_sampler(self, split: str) -> MetaDatasetSampler:
+        """``split``'s Meta-Dataset sampler (``sampler=meta_dataset``), built on first use."""
+        if split not in self._samplers:
+            data = self._read_split(split)
+            counts = data.samples_per_class()
+            self._check_no_empty_class(split, data, counts)
+            try:
+                self._samplers[split] = MetaDatasetSampler(counts.tolist(), self.rules, data.superclasses())
+            except ConfigError as error:
+                raise ConfigError(f"the {split} split of {self.name}: {error}") from None
+            order = torch.argsort(data.labels, stable=True)
+            self._members[split] = list(torch.split(order, counts.tolist()))
+        return self._samplers[split]
 
     def data_description(self) -> dict[str, str]:
         """The images served, as the base describes data: the digest is a sha256 of every split's uint8 images
@@ -87,14 +124,17 @@ class ImageClassFamily(TaskFamily):
         return {"name": self.name, "source_type": "local", "digest": hasher.hexdigest()[:16],
                 "digest_of": "every split's images as served (uint8), labels and class names", **counts}
 
+    def _read_split(self, split: str) -> LabelledImages:
+        try:
+            return self.load_split(split)
+        except PermissionError as error:  # e.g. an unreadable task.root
+            where = f"task.root={getattr(self, 'root', '')}: " if hasattr(self, "root") else ""
+            raise ConfigError(f"{where}cannot read {error.filename} ({error.strerror}): check the path and its "
+                              "permissions") from None
+
     def taskset(self, split: str) -> l2l.data.Taskset:
         if split not in self._tasksets:
-            try:
-                data = self.load_split(split)
-            except PermissionError as error:  # e.g. an unreadable task.root
-                where = f"task.root={getattr(self, 'root', '')}: " if hasattr(self, "root") else ""
-                raise ConfigError(f"{where}cannot read {error.filename} ({error.strerror}): check the path and its "
-                                  "permissions") from None
+            data = self._read_split(split)
             self._check_enough(split, data)
             ways, shots, queries = self.episode(split)
             dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
@@ -123,16 +163,22 @@ class ImageClassFamily(TaskFamily):
             raise ConfigError(f"task.{ways_key}={ways} but the {split} split of {self.name} has only {classes} "
                               f"classes: lower task.{ways_key}")
         counts = data.samples_per_class()
+        self._check_no_empty_class(split, data, counts)
         fewest = int(counts.min())
-        if fewest == 0:  # fewer shots cannot help
-            empty = data.class_names[int(counts.argmin())]
-            raise ConfigError(f"class {empty!r} of the {split} split of {self.name} has no images: add images to it "
-                              "or remove it from the split")
         if fewest < shots + queries:
             raise ConfigError(f"task.{shots_key} + task.{queries_key} = {shots + queries} but a {split} class of "
                               f"{self.name} has only {fewest} images: lower task.{shots_key} or task.{queries_key}")
 
+    def _check_no_empty_class(self, split: str, data: LabelledImages, counts: torch.Tensor) -> None:
+        if int(counts.min()) == 0:  # fewer shots cannot help
+            empty = data.class_names[int(counts.argmin())]
+            raise ConfigError(f"class {empty!r} of the {split} split of {self.name} has no images: add images to it "
+                              "or remove it from the split")
+
     def sample(self, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
+        if self.sampler == "meta_dataset":
+            sampler = self.meta_dataset_sampler(split)
+            return Episodes.of([self._episode(sampler.sample(generator), split, generator) for _ in range(num_tasks)])
         taskset = self.taskset(split)
         state = random.getstate()
         random.seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
@@ -142,13 +188,32 @@ class ImageClassFamily(TaskFamily):
             random.setstate(state)
         return Episodes(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))
 
+    def _episode(self, description: EpisodeDescription, split: str, generator: torch.Generator) -> Task:
+        """The images of a Meta-Dataset episode: per class, its support and query images drawn without
+        replacement; labels 0..ways−1 in the description's class order."""
+        data, members = self.load_split(split), self._members[split]
+        support, query = [], []
+        for index, shots in zip(description.classes, description.support, strict=True):
+            chosen = members[index][torch.randperm(len(members[index]), generator=generator)]
+            support.append(chosen[:shots])
+            query.append(chosen[shots:shots + description.query])
+        support_labels = torch.cat([torch.full((len(s),), way) for way, s in enumerate(support)])
+        query_labels = torch.arange(description.ways).repeat_interleave(description.query)
+        return Task(self._as_float(data.images[torch.cat(support)]), support_labels,
+                    self._as_float(data.images[torch.cat(query)]), query_labels)
+
+    def _as_float(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images as float in [0, 1] with the model's channels (grey ↔ RGB)."""
+        images = images.float().div_(255)
+        if images.shape[1] != self.channels:
+            images = images.expand(-1, 3, -1, -1) if self.channels == 3 else images.mean(1, keepdim=True)
+        return images
+
     def _split_support_query(self, images: torch.Tensor, labels: torch.Tensor, ways: int, shots: int,
                              queries: int) -> tuple[torch.Tensor, ...]:
         """Sort by class; the first ``shots`` images of each class are support, the rest query."""
         order = torch.argsort(labels, stable=True)
-        images = images[order].float().div_(255)
-        if images.shape[1] != self.channels:  # grey ↔ RGB as the model expects
-            images = images.expand(-1, 3, -1, -1) if self.channels == 3 else images.mean(1, keepdim=True)
+        images = self._as_float(images[order])
         images = images.reshape(ways, shots + queries, *images.shape[1:])  # (N, K + Q, C, H, W)
         labels = labels[order].reshape(ways, shots + queries)
         support = images[:, :shots].flatten(0, 1), labels[:, :shots].flatten()
