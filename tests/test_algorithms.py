@@ -190,7 +190,8 @@ def test_every_algorithm_logs_the_same_metric_names(job, tmp_path, kanji_cache) 
     names = {run.data.tags["metalab.algorithm"]: {m for m in run.data.metrics if m.startswith(("meta_", "epoch"))}
              for run in runs}  # besides an algorithm's own (metasgd/*, maml_pp/*)
     for algorithm, logged in names.items():
-        phases = ("post",) if algorithm == "protonet" else ("pre", "post")  # ProtoNet has no "before adaptation"
+        phases = ("post",) if algorithm.startswith("proto") else ("pre", "post")  # no "before adaptation": the head
+        # of ProtoNet and Proto-MAML is built from the support set
         expected = {"meta_train/loss", *(f"meta_{stage}/{when}_{kind}{ci}" for stage in ("val", "test")
                                          for when in phases for kind in ("loss", "acc") for ci in ("", "_ci95"))}
         assert expected <= logged, (algorithm, expected - logged)

@@ -169,14 +169,22 @@ def test_an_image_family_serves_ragged_meta_dataset_episodes() -> None:
     assert len(shapes) > 1  # episodes differ in size
 
 
-def test_meta_dataset_episodes_train_protonet_and_refuse_a_fixed_head(job, kanji_cache) -> None:
-    common = ["task=kanji", f"task.cache_dir={kanji_cache}", "task.num_classes=300", "task.sampler=meta_dataset",
-              "task.meta_dataset={max_ways: 10, max_support: 60}", "task.meta_batch_size=2", "task.val_tasks=10",
-              "task.test_tasks=40", "task.eval_batch_size=10", "model.hidden_size=32", "tracking=none",
-              "trainer.max_steps=60", "trainer.val_check_interval=1000", "trainer.enable_progress_bar=false"]
-    metrics = train(job(*common, "algorithm=protonet"))
-    # 5-10 ways: chance is at most 0.2
-    assert metrics["meta_test/post_acc"] > 0.5, metrics
+META_DATASET_KANJI = ["task=kanji", "task.num_classes=300", "task.sampler=meta_dataset",
+                      "task.meta_dataset={max_ways: 10, max_support: 60}", "task.meta_batch_size=2",
+                      "task.val_tasks=10", "task.test_tasks=40", "task.eval_batch_size=10", "model.hidden_size=32",
+                      "tracking=none", "trainer.max_steps=60", "trainer.val_check_interval=1000",
+                      "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "protomaml"])
+def test_algorithms_that_build_their_head_per_episode_learn_meta_dataset_episodes(job, kanji_cache,
+                                                                                 algorithm: str) -> None:
+    metrics = train(job(*META_DATASET_KANJI, f"task.cache_dir={kanji_cache}", f"algorithm={algorithm}"))
+    assert metrics["meta_test/post_acc"] > 0.5, metrics  # 5-10 ways: chance is at most 0.2
+
+
+def test_an_algorithm_with_a_fixed_head_is_refused_meta_dataset_episodes(job, kanji_cache) -> None:
     with pytest.raises(ConfigError, match=r"^task.sampler=meta_dataset draws episodes of varying ways, but "
-                                        r"algorithm=maml predicts with a head of one output per way"):
-        train(job(*common, "algorithm=maml"))
+                                          r"algorithm=maml predicts with a head of one output per way: use an "
+                                          r"algorithm that builds its head per episode"):
+        train(job(*META_DATASET_KANJI, f"task.cache_dir={kanji_cache}", "algorithm=maml"))

@@ -12,8 +12,9 @@ from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.maml_pp import MAMLPlusPlus
 from metalab.algorithms.metasgd import MetaSGD
+from metalab.algorithms.protomaml import ProtoMAML
 from metalab.algorithms.protonet import ProtoNet
 from metalab.algorithms.reptile import Reptile
 
 __all__ = ["ANIL", "IMAML", "MAML", "Context", "FitReport", "GradientBasedAlgorithm", "MAMLPlusPlus", "MetaAlgorithm",
-           "MetaSGD", "ProtoNet", "Reptile", "TaskGradient"]
+           "MetaSGD", "ProtoMAML", "ProtoNet", "Reptile", "TaskGradient"]

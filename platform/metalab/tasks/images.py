@@ -60,7 +60,7 @@ class ImageClassFamily(TaskFamily):
     ``{max_ways: 20}``); where every class is named ``group/name`` (kanji, Omniglot: ``alphabet/character``) a
     group is drawn first, as Meta-Dataset draws Omniglot's alphabets. ``ways``/``shots``/``queries`` then
     apply to nothing; tasks of one meta-batch differ in shape (ragged :class:`Episodes`), so ``runner.backend``
-    is ``loop`` or ``threads``, and the algorithm must not need a fixed number of ways (``protonet``).
+    is ``loop`` or ``threads``, and the algorithm must not need a fixed number of ways (``protonet``, ``protomaml``).
     learn2learn's transforms draw fixed ways and shots only, hence metalab's sampler.
     """
 
