@@ -25,27 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metalab.algorithms.base import (
-    BATCH_NORM_MODES,
-    BatchNormMode,
-    Context,
-    GradientBasedAlgorithm,
-    Predictor,
-    joined_inputs,
-)
+from metalab.algorithms.base import BATCH_NORM_MODES, BatchNormMode, Context, GradientBasedAlgorithm, Predictor
+from metalab.algorithms.protonet import PrototypeBased
 from metalab.errors import ConfigError
 
 if TYPE_CHECKING:
     from metalab.tasks.episodes import Task
 
 
-class ProtoMAML(GradientBasedAlgorithm):
+class ProtoMAML(PrototypeBased, GradientBasedAlgorithm):
     """Arguments: ``model`` (its ``features`` are the embedding, else the whole model), ``inner_lr``,
     ``inner_steps``, ``eval_inner_steps`` (``None``: ``inner_steps``), ``first_order`` (the paper's default:
     true), ``eval_batch_norm`` (``transductive`` or ``running``, as :class:`~metalab.algorithms.ProtoNet`)."""
-
-    problems = ("classification",)
-    one_output_per_way = False  # the head is built per episode from its prototypes
 
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  eval_inner_steps: int | None = None, first_order: bool = True,
@@ -55,14 +46,6 @@ class ProtoMAML(GradientBasedAlgorithm):
             raise ConfigError(f"algorithm.eval_batch_norm must be transductive or running, got {eval_batch_norm!r}")
         self.network, self.inner_lr, self.first_order = model, inner_lr, first_order
         self.eval_batch_norm = eval_batch_norm
-
-    @property
-    def model(self) -> nn.Module:
-        return self.network
-
-    @property
-    def embedding(self) -> nn.Module:
-        return getattr(self.network, "features", self.network)
 
     def adapt(self, task: Task, context: Context) -> Predictor:
         weights = {name: p for name, p in self.embedding.named_parameters() if p.requires_grad}
@@ -84,14 +67,6 @@ class ProtoMAML(GradientBasedAlgorithm):
             head = {"weight": stepped.pop("head.weight"), "bias": stepped.pop("head.bias")}
             weights = stepped
         return lambda x: linear(embed(weights, x), head)
-
-    def unadapted(self, task: Task, context: Context) -> None:
-        """No ``pre_*`` metrics: before adaptation there is no head (it is built from the support set)."""
-        return None
-
-    def update_running_statistics(self, task: Task, context: Context) -> None:
-        """The embedding of the episode's support and queries in one batch (the model's head is never used)."""
-        self.embedding(joined_inputs(task))
 
     def _embedder(self) -> Callable[[dict[str, Tensor], Tensor], Tensor]:
         """``embed(weights, x)``: the embedding with ``weights`` for its trainable parameters, flattened."""

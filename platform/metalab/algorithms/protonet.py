@@ -18,7 +18,35 @@ if TYPE_CHECKING:
     from metalab.tasks.episodes import Task
 
 
-class ProtoNet(MetaAlgorithm):
+class PrototypeBased:
+    """What algorithms whose classifier is built from an episode's prototypes share (mixed in before
+    :class:`MetaAlgorithm`): the embedding is ``model.features`` when the model has one (its head is unused),
+    any number of ways, and no "before adaptation" predictor."""
+
+    problems = ("classification",)
+    one_output_per_way = False  # prototypes, not a head: any number of ways, in training and test alike
+    network: nn.Module
+
+    @property
+    def model(self) -> nn.Module:
+        return self.network
+
+    @property
+    def embedding(self) -> nn.Module:
+        return getattr(self.network, "features", self.network)
+
+    def update_running_statistics(self, task: Task, context: Context) -> None:
+        """The embedding of the episode's support and queries in one batch, as the predictor embeds them (the
+        head is never used)."""
+        self.embedding(joined_inputs(task))
+
+    def unadapted(self, task: Task, context: Context) -> None:
+        """No ``pre_*`` metrics: the model's head is never used, and the unadapted embedding's classifier is
+        built from the support set, as :meth:`adapt` builds it."""
+        return None
+
+
+class ProtoNet(PrototypeBased, MetaAlgorithm):
     """No inner loop: "adapting" to a task computes its class prototypes.
 
     The embedding is ``model.features`` when the model has one (its head is unused), else the model.
@@ -29,9 +57,6 @@ class ProtoNet(MetaAlgorithm):
     together). The running statistics follow the training episodes' embedding forward (support and queries
     in one batch), one momentum step per meta-iteration, as in the authors' code with one episode a step.
     """
-
-    problems = ("classification",)
-    one_output_per_way = False  # prototypes, not a head: any number of ways, in training and test alike
 
     def __init__(self, model: nn.Module, distance: Literal["euclidean", "cosine"] = "euclidean",
                  temperature: float = 10.0, eval_batch_norm: BatchNormMode = "transductive") -> None:
@@ -45,26 +70,8 @@ class ProtoNet(MetaAlgorithm):
         self.network = model
         self.distance, self.temperature, self.eval_batch_norm = distance, temperature, eval_batch_norm
 
-    @property
-    def model(self) -> nn.Module:
-        return self.network
-
-    @property
-    def embedding(self) -> nn.Module:
-        return getattr(self.network, "features", self.network)
-
     def adapt(self, task: Task, context: Context) -> Predictor:
         return PrototypeClassifier(self.embedding, task.support_x, task.support_y, self.distance, self.temperature)
-
-    def update_running_statistics(self, task: Task, context: Context) -> None:
-        """The embedding of the episode's support and queries in one batch, as :class:`PrototypeClassifier`
-        embeds them (the head is never used)."""
-        self.embedding(joined_inputs(task))
-
-    def unadapted(self, task: Task, context: Context) -> None:
-        """No ``pre_*`` metrics: the model's head is never used, and the nearest prototype of the unadapted
-        embedding is what :meth:`adapt` returns, so a "before" would repeat the ``post_*`` numbers."""
-        return None
 
 
 class PrototypeClassifier(nn.Module):
