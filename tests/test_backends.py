@@ -73,6 +73,10 @@ def test_every_declared_backend_gives_the_loops_meta_gradient(job, option: str, 
     reference = build_algorithm(job, option, copy.deepcopy(model))
     if problem not in reference.problems:
         pytest.skip(f"{option} does not learn {problem} tasks")
+    if backend == "threads" and not reference.thread_safe:
+        with pytest.raises(ConfigError, match="tasks cannot run on threads at once"):
+            TaskRunner("threads").check(reference)
+        return
     if backend == "vmap" and not vectorises(reference):
         with pytest.raises(ConfigError, match="declares no vectorised_adapt"):
             TaskRunner("vmap").check(reference)

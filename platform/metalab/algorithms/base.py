@@ -92,6 +92,8 @@ class MetaAlgorithm(nn.Module, ABC):
     one_output_per_way: bool = True  # the model's head has ``ways`` outputs (not so for metric-based ones)
     owns_outer_step: bool = False  # True: :meth:`outer_step` replaces the runner and the outer optimiser step
     sequential_tasks: bool = False  # True: a task starts from state the previous one left (loop backend only)
+    thread_safe: bool = True  # False: adapting one task mutates shared state (e.g. torch.func.functional_call swaps
+                              # the model's parameters while it runs), so tasks must not run on threads at once
     eval_batch_norm: BatchNormMode = "transductive"  # how evaluation normalises (module docstring)
 
     @property

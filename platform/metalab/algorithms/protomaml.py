@@ -38,6 +38,8 @@ class ProtoMAML(PrototypeBased, GradientBasedAlgorithm):
     ``inner_steps``, ``eval_inner_steps`` (``None``: ``inner_steps``), ``first_order`` (the paper's default:
     true), ``eval_batch_norm`` (``transductive`` or ``running``, as :class:`~metalab.algorithms.ProtoNet`)."""
 
+    thread_safe = False  # functional_call swaps the embedding's parameters while it runs: runner.backend=loop
+
     def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 5,
                  eval_inner_steps: int | None = None, first_order: bool = True,
                  eval_batch_norm: BatchNormMode = "transductive") -> None:

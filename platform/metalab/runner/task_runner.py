@@ -85,6 +85,10 @@ class TaskRunner:
             raise ConfigError(f"runner.backend={self.backend}: {type(algorithm).__name__} as configured starts each "
                               "task from the state the previous task left (e.g. algorithm.carry_inner_state=true), "
                               "so its tasks must run one after another: use runner.backend=loop or auto")
+        if self.backend == "threads" and not algorithm.thread_safe:
+            raise ConfigError(f"runner.backend=threads: {type(algorithm).__name__} adapts a task by swapping the "
+                              "model's parameters in place, so tasks cannot run on threads at once: use "
+                              "runner.backend=loop or auto")
         if self.backend == "vmap" and not vectorises(algorithm):
             raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt, so it "
                               "cannot run vectorised: use runner.backend=loop, threads or auto")
@@ -206,7 +210,7 @@ class TaskRunner:
             self.probe, self.chosen = {"loop": "only candidate (sequential_tasks)"}, "loop"
             return []
         candidates = ["loop"]
-        if _on_cpu(episodes) and torch.get_num_threads() > 1:
+        if _on_cpu(episodes) and torch.get_num_threads() > 1 and algorithm.thread_safe:
             candidates.append("threads")
         if vectorises(algorithm) and episodes.stacked:
             candidates.append("vmap")
