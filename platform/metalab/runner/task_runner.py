@@ -62,7 +62,7 @@ class TaskRunner:
         vmap_margin: how much faster than the loop ``vmap`` must be for ``auto`` to keep it (it has other
             numerics and more memory); ``threads`` runs the loop's own computation, so faster at all is enough.
 
-    Once ``auto`` has decided (after at most ``2 · candidates + 2`` meta-iterations), ``chosen`` is the backend in
+    Once ``auto`` has decided (after at most ``3 · candidates`` meta-iterations), ``chosen`` is the backend in
     use and ``probe`` holds what it measured (``{"loop": "12.3 ms", "vmap": "failed: RuntimeError: …"}``).
     """
 
