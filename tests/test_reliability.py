@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import Callback
 from metalab.cli import main
 from metalab.errors import ConfigError
 from metalab.job import train
-from metalab.reliability import TERMINATED_EXIT_CODE, DivergenceError, Terminated, non_finite
+from metalab.reliability import TERMINATED_EXIT_CODE, DivergenceError, InterruptCheckpoint, Terminated, non_finite
 from metalab.tracking.liveness import HEARTBEAT_TAG, HOST_TAG, PID_TAG, find_runs
 from metalab.tracking.runs import RunStore
 from tests.conftest import BIN, compose_job, run_cli
@@ -173,6 +173,25 @@ def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(tmp_path: Path) -> N
     assert run.info.status == "KILLED"
     assert Path(run.data.tags["metalab.checkpoint_dir"], "interrupted.ckpt").is_file()
     assert "Traceback" not in stderr
+    assert "metalab: Ctrl-C: stopping after this batch" in stderr  # held to the batch's end, not lost
+
+
+def test_a_first_ctrl_c_is_held_to_the_batchs_end_and_a_second_stops_at_once(tmp_path: Path) -> None:
+    """KeyboardInterrupt raised inside a finaliser is lost: the first Ctrl-C only marks, the batch end raises."""
+    before = signal.getsignal(signal.SIGINT)
+    callback = InterruptCheckpoint(tmp_path)
+    callback.setup(None, None, "fit")
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler ran (it raises nothing)
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_train_batch_end(None)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    finally:
+        callback.on_exception(None, None, RuntimeError("the run failed"))  # Lightning calls no teardown then
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def start_training(tmp_path: Path, *overrides: str) -> subprocess.Popen[str]:

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
@@ -52,8 +56,8 @@ class Terminated(SystemExit):
 class InterruptCheckpoint(Checkpoint):
     """Save the state at an interrupt, beside the other checkpoints, so nothing trained is lost.
 
-    - Ctrl-C (SIGINT): ``interrupted.ckpt``. The KeyboardInterrupt lands anywhere in a step (mid-update,
-      say), so it is kept apart from ``last.ckpt``, which ``resume=`` continues from.
+    - Ctrl-C (SIGINT): ``interrupted.ckpt``, after the current batch (see below); a second Ctrl-C stops anywhere
+      in a step (mid-update, say), so it is kept apart from ``last.ckpt``, which ``resume=`` continues from.
     - SIGTERM (what SLURM sends on preemption): ``last.ckpt``, so ``resume=`` (and ``resume=auto`` in a
       requeued job) continues from the signal's step. Lightning's signal handler only sets a flag; its loops
       raise SIGTERMException after the meta-iteration, so the state is whole. A validation under way is
@@ -63,6 +67,11 @@ class InterruptCheckpoint(Checkpoint):
 
     Only interrupts: after a divergence the weights may be NaN, and the newest checkpoint (weights checked
     finite when written, :func:`non_finite`) must stay the last good state.
+
+    While the trainer runs, a first Ctrl-C is held until the current batch ends, then raised there (a second
+    one raises at once). Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives; inside
+    a finaliser or a garbage-collector callback it is printed as "Exception ignored" and lost, and a run once
+    trained on for 27 minutes after Ctrl-C. Raised from a batch's end, it always reaches Lightning's handler.
 
     Not Lightning's ``OnExceptionCheckpoint``: with one of those, ``fit(ckpt_path=None)`` means "continue from
     the newest checkpoint in the folder" (and warns on every fresh run that there is none). A run continues
@@ -74,8 +83,33 @@ class InterruptCheckpoint(Checkpoint):
         self.last_path = str(Path(dirpath) / LAST)
         self.saved: str | None = None  # the checkpoint the SIGTERM left
         self._held_sigterm = False  # a SIGTERM kept from Lightning until the validation ends
+        self._ctrl_c = False  # a Ctrl-C held until the current batch ends
+        self._previous_sigint: Any = None  # the SIGINT handler before setup (None: not installed)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if threading.current_thread() is threading.main_thread() and self._previous_sigint is None:
+            self._ctrl_c = False
+            self._previous_sigint = signal.signal(signal.SIGINT, self._hold_ctrl_c)
+
+    def _hold_ctrl_c(self, signum: int, frame: FrameType | None) -> None:
+        if self._ctrl_c:  # the second Ctrl-C: at once
+            raise KeyboardInterrupt
+        self._ctrl_c = True
+        print("\nmetalab: Ctrl-C: stopping after this batch (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def _raise_held_ctrl_c(self) -> None:
+        if self._ctrl_c:
+            raise KeyboardInterrupt
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._raise_held_ctrl_c()
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._raise_held_ctrl_c()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._raise_held_ctrl_c()
         if trainer.received_sigterm and trainer.state.fn == TrainerFn.FITTING and not self._held_sigterm:
             self._save_last(trainer)
             trainer._signal_connector.received_sigterm = False  # Lightning's loops read this flag after each batch
@@ -87,6 +121,13 @@ class InterruptCheckpoint(Checkpoint):
             self._held_sigterm = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning calls no teardown hook after an exception. After Ctrl-C it ignores SIGINT while it shuts down:
+        # leave that; after anything else, Ctrl-C is Python's again.
+        if isinstance(exception, KeyboardInterrupt):
+            self._previous_sigint = None
+        else:
+            self._restore_sigint()
+        self._ctrl_c = False
         if isinstance(exception, KeyboardInterrupt):
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
         elif isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:  # testing: it is final
@@ -109,8 +150,16 @@ class InterruptCheckpoint(Checkpoint):
                 callback.last_model_path = self.last_path  # its own: else it would save its next one as last-v1.ckpt
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """A run that ends normally (a resumed one too) leaves no stale ``interrupted.ckpt``."""
+        """A run that ends normally (a resumed one too) leaves no stale ``interrupted.ckpt``; Ctrl-C is Python's
+        again."""
+        self._restore_sigint()
+        self._raise_held_ctrl_c()  # one that came after the last batch
         trainer.strategy.remove_checkpoint(self.ckpt_path)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
 
 def non_finite(checkpoint: dict[str, Any]) -> str | None:
