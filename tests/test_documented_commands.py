@@ -83,6 +83,7 @@ CHECKS: dict[str, Check] = {
     "metalab-train hardware=ddp task=omniglot task.meta_batch_size=32": Check("cfg", shows="strategy: ddp"),
     "metalab-train hardware=ddp_cpu": Check(extra=SHORT, runs=1, slow=True),
     "metalab-train task=kanji algorithm=protonet": Check(extra=SHORT_IMAGES, runs=1),
+    "metalab-train task=kanji algorithm=protonet task.sampler=meta_dataset": Check(extra=SHORT_IMAGES, runs=1),
     "metalab-train task=kanji algorithm=maml algorithm.inner_lr=0.4 task.ways=20 task.shots=5":
         Check(extra=SHORT_IMAGES, runs=1, slow=True),
     "metalab-train task=omniglot task.root=/data/omniglot": Check("cfg", shows="root: /data/omniglot"),
