@@ -50,8 +50,9 @@ Predictions = Tensor | list[Tensor]  # stacked (T, Q, *out) when every task has 
 
 
 def vectorises(algorithm: MetaAlgorithm) -> bool:
-    """Whether ``algorithm`` declares ``vectorised_adapt`` (opt-in to ``backend=vmap``)."""
-    return callable(getattr(algorithm, "vectorised_adapt", None))
+    """Whether ``algorithm`` declares ``vectorised_adapt`` (opt-in to ``backend=vmap``), and its settings allow it
+    (``vectorised = False``: e.g. MAML with ``zero_head``)."""
+    return callable(getattr(algorithm, "vectorised_adapt", None)) and getattr(algorithm, "vectorised", True)
 
 
 class TaskRunner:
@@ -90,8 +91,9 @@ class TaskRunner:
                               "model's parameters in place, so tasks cannot run on threads at once: use "
                               "runner.backend=loop or auto")
         if self.backend == "vmap" and not vectorises(algorithm):
-            raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt, so it "
-                              "cannot run vectorised: use runner.backend=loop, threads or auto")
+            raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt (or its "
+                              "settings, e.g. algorithm.zero_head=true, rule it out), so it cannot run vectorised: "
+                              "use runner.backend=loop, threads or auto")
         if self.backend == "vmap" and _checkpoints_inner_loop(algorithm):
             raise ConfigError(f"runner.backend=vmap cannot run with algorithm.inner_checkpointing=true ({NO_VMAP}): "
                               "use runner.backend=loop, threads or auto, or set algorithm.inner_checkpointing=false")
