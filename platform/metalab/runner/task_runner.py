@@ -108,10 +108,11 @@ class TaskRunner:
         """
         if self.chosen is None and self._trials is None:
             self._trials = self._plan(algorithm, episodes)
-        if self.chosen is None and not self._trials:
-            self.settle(agree)
         if self.chosen is None:
-            return self._trial(*self._trials.pop(0), algorithm, episodes, context)
+            result = self._trial(*self._trials.pop(0), algorithm, episodes, context)
+            if not self._trials:  # the probe's last step: choose (or plan the second round)
+                self.settle(agree)
+            return result
         return self._meta_loss(self.chosen, algorithm, episodes, context)
 
     def settle(self, agree: Callable[[str], str] | None = None) -> None:
