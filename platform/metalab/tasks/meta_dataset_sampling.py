@@ -12,7 +12,9 @@ for a split whose classes hold known numbers of images:
    exp(U(log ½, log 2)): proportional to the class's size, jittered, so episodes are imbalanced as the data.
 
 Numbers only (which classes, how many support and query images of each); the family draws the images.
-Draws come from a ``torch.Generator``, so episodes follow the run's seed alone.
+Draws come from a ``torch.Generator``, so episodes follow the run's seed alone. Where Meta-Dataset's code
+differs: a superclass with fewer than ``min_ways`` classes is never drawn (its code would fail on one; Omniglot's
+alphabets all hold 14 or more), and ImageNet's sampling from its class hierarchy is not reproduced (flat here).
 """
 
 from __future__ import annotations
