@@ -100,7 +100,8 @@ BAD_INPUTS = [
     (["hardware=ddp_cpu", "task.meta_batch_size=1"],
      "task.meta_batch_size=1 gives some of the 2 processes of this run no task: make it at least 2"),
     (["runner.backend=vmap", "algorithm=reptile"],
-     "runner.backend=vmap: Reptile declares no vectorised_adapt, so it cannot run vectorised"),
+     "runner.backend=vmap: Reptile declares no vectorised_adapt (or its settings, e.g. algorithm.zero_head=true, "
+     "rule it out), so it cannot run vectorised"),
     (["runner.backend=loops"], "runner.backend must be loop, threads, vmap or auto, got 'loops'"),
     (["algorithm=reptile", "algorithm.inner_optimizer=rmsprop"], "algorithm.inner_optimizer must be sgd or adam"),
     (["optimizer.lr=fast"], "bad value for 'optimizer.lr'"),
@@ -152,8 +153,8 @@ def test_help_names_metalab_train_and_lists_options_without_their_schemas(tmp_pa
     assert result.stdout.startswith("metalab-train: "), result.stdout[:200]
     groups = dict(line.split(": ", 1) for line in result.stdout.split("== Config groups", 1)[1]
                   .split("== Config (key=value)")[0].splitlines()[1:] if ": " in line)
-    assert groups["algorithm"].split(", ") == ["anil", "fomaml", "imaml", "maml", "maml_pp", "metasgd", "protonet",
-                                               "reptile"]
+    assert groups["algorithm"].split(", ") == ["anil", "fomaml", "imaml", "maml", "maml_pp", "metasgd", "protomaml",
+                                               "protonet", "reptile"]
     assert groups["model"] == "cnn4, mlp, resnet12" and groups["tracking"] == "mlflow, none"
     assert "maml_omniglot_5w1s" in groups["experiment"]
     assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout
