@@ -94,7 +94,10 @@ class ImageClassFamily(TaskFamily):
     def prepare(self) -> None:
         """Load every split and check it can serve the configured episodes (fails at start, not mid-run)."""
         for split in SPLITS:
-            self.meta_dataset_sampler(split) if self.sampler == "meta_dataset" else self.taskset(split)
+            if self.sampler == "meta_dataset":
+                self.meta_dataset_sampler(split)
+            else:
+                self.taskset(split)
 
     def meta_dataset_sampler(self, split: str) -> MetaDatasetSampler:
         """``split``'s Meta-Dataset sampler (``sampler=meta_dataset``), built on first use."""
