@@ -242,6 +242,8 @@ def generate_schema(target: str, injected: tuple[str, ...] = ()) -> tuple[type, 
     depends on (:mod:`metalab.schema_cache`)."""
     cls = get_object(target)
     fields: list[tuple[str, Any, Any]] = [("_target_", str, field(default=target))]
+    if not getattr(cls, "instantiate_recursive", True):  # it builds its nested configs itself (task=multi_source)
+        fields.append(("_recursive_", bool, field(default=False)))
     modules = {cls.__module__}
     hints: dict[type, dict[str, Any]] = {}
     for owner, parameter in _constructor_arguments(cls):

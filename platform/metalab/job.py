@@ -190,12 +190,18 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, back
     """The lines a user reads at the end of a run (``backend``: the one ``runner.backend=auto`` chose;
     ``phases``: where the time went)."""
     metric, label = ("acc", "accuracy") if task.problem == "classification" else ("loss", "MSE")
-    print(f"\nmeta-test over {task.test_tasks} tasks (mean ± 95% CI):")
+    sources = task.evaluation_sources("test")
+    each = " of each source" if sources else ""
+    print(f"\nmeta-test over {task.test_tasks} tasks{each} (mean ± 95% CI):")
     for when in ("pre", "post"):
         if f"meta_test/{when}_{metric}" not in metrics:  # no "before adaptation" for this algorithm (ProtoNet)
             continue
         mean, ci95 = metrics[f"meta_test/{when}_{metric}"], metrics[f"meta_test/{when}_{metric}_ci95"]
-        print(f"  {when}-adaptation {label}: {mean:.4f} ± {ci95:.4f}")
+        print(f"  {when}-adaptation {label}: {mean:.4f} ± {ci95:.4f}" + (" (the sources' mean)" if sources else ""))
+        width = max(map(len, sources), default=0)
+        for source in sources:
+            name = f"meta_test/{source}/{when}_{metric}"
+            print(f"    {source:<{width}}  {metrics[name]:.4f} ± {metrics[f'{name}_ci95']:.4f}")
     if backend:
         print(f"runner backend: {backend} (chosen by runner.backend=auto)")
     if phases is not None:

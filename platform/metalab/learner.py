@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -75,7 +76,8 @@ class MetaLearner(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.classification = problem == "classification"
         self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
-        self._per_task: dict[str, list[Tensor]] = defaultdict(list)
+        # Per source (None: the family's only one), per metric, one (T,) tensor per evaluated meta-batch.
+        self._per_task: dict[str | None, dict[str, list[Tensor]]] = defaultdict(_metric_lists)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.algorithm.meta_parameters())
@@ -167,16 +169,17 @@ class MetaLearner(pl.LightningModule):
         if learned is not None:
             report(self.logger, metrics=learned.metrics, figures=learned.figures, step=self.global_step)
 
-    def validation_step(self, tasks: Episodes, batch_idx: int) -> None:
+    def validation_step(self, tasks: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
         with self._evaluation_batch_norm():
             self._evaluate(tasks)
 
-    def test_step(self, tasks: Episodes, batch_idx: int) -> None:
+    def test_step(self, tasks: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """``dataloader_idx``: the source, where the family evaluates several apart (``tasks.source`` names it)."""
         with self._evaluation_batch_norm():
             predictions = self._evaluate(tasks)
             if self.test_curve_steps:
                 self._curve(tasks)
-        if batch_idx == 0:
+        if batch_idx == 0 and dataloader_idx == 0:
             self._report_episode(tasks[0], predictions[0])
 
     def _report_episode(self, task: Task, prediction: Tensor) -> None:
@@ -212,7 +215,7 @@ class MetaLearner(pl.LightningModule):
         context = self.context(training=False)
         before = self.runner.unadapted_predictions(self.algorithm, tasks, context)
         if before is not None:  # None: no "before adaptation" (ProtoNet), so no pre_* metrics
-            self._record("pre", before, tasks.query_y)
+            self._record("pre", before, tasks)
         return self._record_adapted(tasks, context)
 
     def _curve(self, tasks: Episodes) -> None:
@@ -225,36 +228,58 @@ class MetaLearner(pl.LightningModule):
         """Adapt to each task's support set; record its query loss (and accuracy) as ``post_loss<suffix>``;
         return the query predictions (no graph)."""
         predictions = self.runner.predictions(self.algorithm, tasks, context)
-        self._record("post", predictions, tasks.query_y, suffix)
+        self._record("post", predictions, tasks, suffix)
         return predictions
 
-    def _record(self, when: str, predictions: Predictions, targets: Tensor | list[Tensor], suffix: str = "") -> None:
-        """Keep each task's query loss (and accuracy) for the epoch summary: one (T,) tensor per meta-batch."""
+    def _record(self, when: str, predictions: Predictions, tasks: Episodes, suffix: str = "") -> None:
+        """Keep each task's query loss (and accuracy) for the epoch summary: one (T,) tensor per meta-batch, under
+        the tasks' source (``None`` for a family of one source)."""
+        targets, kept = tasks.query_y, self._per_task[tasks.source]
         if isinstance(predictions, Tensor):  # stacked (T, Q, *out): every task's mean in a few tensor ops
-            tasks = len(predictions)
+            count = len(predictions)
             losses = self.loss_fn(predictions.flatten(0, 1), targets.flatten(0, 1), reduction="none")
-            self._per_task[f"{when}_loss{suffix}"].append(losses.reshape(tasks, -1).mean(1))
+            kept[f"{when}_loss{suffix}"].append(losses.reshape(count, -1).mean(1))
             if self.classification:
                 hits = predictions.argmax(dim=-1) == targets  # (T, Q)
-                self._per_task[f"{when}_acc{suffix}"].append(hits.flatten(1).float().mean(1))
+                kept[f"{when}_acc{suffix}"].append(hits.flatten(1).float().mean(1))
             return
-        self._per_task[f"{when}_loss{suffix}"].append(torch.stack(
+        kept[f"{when}_loss{suffix}"].append(torch.stack(
             [self.loss_fn(p, y) for p, y in zip(predictions, targets, strict=True)]))
         if self.classification:
-            self._per_task[f"{when}_acc{suffix}"].append(torch.stack(
+            kept[f"{when}_acc{suffix}"].append(torch.stack(
                 [self._accuracy(p, y) for p, y in zip(predictions, targets, strict=True)]))
 
     def _log_summary(self, stage: str) -> None:
-        for name, values in self._per_task.items():
-            mean, ci95 = mean_and_ci95(torch.cat(values))
-            # Every process of a distributed run evaluates every task: the values agree, syncing is a formality.
-            self.log(f"{stage}/{name}", mean, sync_dist=True)
-            self.log(f"{stage}/{name}_ci95", ci95, sync_dist=True)
+        """Mean and 95% CI over tasks of each metric: ``<stage>/<name>``. Where tasks come from named sources
+        (``task=multi_source``), per source ``<stage>/<source>/<name>`` and, as ``<stage>/<name>``, the mean of the
+        sources' means (each source weighs the same, as Meta-Dataset averages them), its CI from theirs:
+        √(Σ ci²) / sources (independent tasks)."""
+        by_name: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for source, metrics in self._per_task.items():
+            for name, values in metrics.items():
+                mean, ci95 = mean_and_ci95(torch.cat(values))
+                if source is None:
+                    self._log_metric(f"{stage}/{name}", mean, ci95)
+                else:
+                    self._log_metric(f"{stage}/{source}/{name}", mean, ci95)
+                    by_name[name].append((mean, ci95))
+        for name, summaries in by_name.items():
+            means, cis = zip(*summaries, strict=True)
+            self._log_metric(f"{stage}/{name}", sum(means) / len(means), math.hypot(*cis) / len(cis))
         self._per_task.clear()
+
+    def _log_metric(self, name: str, mean: float, ci95: float) -> None:
+        # Every process of a distributed run evaluates every task: the values agree, syncing is a formality.
+        self.log(name, mean, sync_dist=True)
+        self.log(f"{name}_ci95", ci95, sync_dist=True)
 
     @staticmethod
     def _accuracy(logits: Tensor, target: Tensor) -> Tensor:
         return (logits.argmax(dim=-1) == target).float().mean()
+
+
+def _metric_lists() -> defaultdict[str, list[Tensor]]:
+    return defaultdict(list)  # a named function, not a lambda: the learner stays picklable (ddp_spawn)
 
 
 def batch_norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

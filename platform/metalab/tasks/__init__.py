@@ -6,6 +6,7 @@ from metalab.tasks.folder import ImageFolder
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 from metalab.tasks.kanji import KanjiHandwriting
 from metalab.tasks.mini_imagenet import MiniImageNet
+from metalab.tasks.multi_source import MultiSource
 from metalab.tasks.omniglot import Omniglot
 from metalab.tasks.sinusoid import SinusoidLineRegression, SinusoidRegression
 
@@ -16,6 +17,7 @@ __all__ = [
     "KanjiHandwriting",
     "LabelledImages",
     "MiniImageNet",
+    "MultiSource",
     "Omniglot",
     "SinusoidLineRegression",
     "SinusoidRegression",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import zlib
 from abc import abstractmethod
 from collections.abc import Iterator
 from typing import Literal
@@ -95,24 +96,40 @@ class TaskFamily(pl.LightningDataModule):
             return batch.to(device, non_blocking=device.type == "cuda")
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._fixed_loader("val", self.val_tasks, offset=1)
+    def evaluation_sources(self, split: str) -> list[str]:
+        """The sources whose ``split`` ("val" or "test") tasks are evaluated apart, each with its own metrics
+        (``meta_test/<source>/post_acc``) and ``val_tasks``/``test_tasks`` tasks: empty for a family of one source.
+        A family that names some implements :meth:`sample_source`."""
+        return []
 
-    def test_dataloader(self) -> DataLoader:
-        return self._fixed_loader("test", self.test_tasks, offset=2)
+    def sample_source(self, source: str, num_tasks: int, generator: torch.Generator, split: str) -> Episodes:
+        """Draw ``num_tasks`` tasks of ``split`` from ``source`` (one of :meth:`evaluation_sources`)."""
+        raise NotImplementedError(f"{type(self).__name__} evaluates no sources apart")
 
-    def _fixed_loader(self, split: str, num_tasks: int, offset: int) -> DataLoader:
-        return DataLoader(FixedTasks(self, split, num_tasks, offset), batch_size=None)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._fixed_loaders("val", self.val_tasks, offset=1)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._fixed_loaders("test", self.test_tasks, offset=2)
+
+    def _fixed_loaders(self, split: str, num_tasks: int, offset: int) -> DataLoader | list[DataLoader]:
+        """One loader of fixed tasks, or one per evaluation source (Lightning's ``dataloader_idx``)."""
+        sources = self.evaluation_sources(split)
+        if not sources:
+            return DataLoader(FixedTasks(self, split, num_tasks, offset), batch_size=None)
+        return [DataLoader(FixedTasks(self, split, num_tasks, offset, source), batch_size=None) for source in sources]
 
 
 class FixedTasks(Dataset):
     """The fixed validation or test tasks of a family, in batches of ``eval_batch_size``, drawn when a batch is
     asked for: task ``i`` from a generator seeded by (``eval_seed``, the split's offset, ``i``), so the tasks are
     the same in every run and every validation whatever the batch size, and only one batch is in memory (600
-    mini-ImageNet-shaped tasks drawn up front took about 4 GB: ``benchmarks/eval_memory.py``)."""
+    mini-ImageNet-shaped tasks drawn up front took about 4 GB: ``benchmarks/eval_memory.py``). With ``source``,
+    the tasks of that source of a multi-source family, seeded by its name too (adding a source changes no other's)."""
 
-    def __init__(self, family: TaskFamily, split: str, num_tasks: int, offset: int) -> None:
+    def __init__(self, family: TaskFamily, split: str, num_tasks: int, offset: int, source: str | None = None) -> None:
         self.family, self.split, self.num_tasks, self.offset = family, split, num_tasks, offset
+        self.source = source
 
     def __len__(self) -> int:
         return -(-self.num_tasks // self.family.eval_batch_size)
@@ -122,10 +139,16 @@ class FixedTasks(Dataset):
             raise IndexError(batch)
         start = batch * self.family.eval_batch_size
         indices = range(start, min(start + self.family.eval_batch_size, self.num_tasks))
-        return Episodes.of([self.family.sample(1, self.generator(index), self.split)[0] for index in indices])
+        if self.source is None:
+            return Episodes.of([self.family.sample(1, self.generator(index), self.split)[0] for index in indices])
+        return Episodes.of([self.family.sample_source(self.source, 1, self.generator(index), self.split)[0]
+                            for index in indices], source=self.source)
 
     def generator(self, index: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.family.eval_seed, self.offset, index]).generate_state(1, np.uint64)[0]
+        entropy = [self.family.eval_seed, self.offset, index]
+        if self.source is not None:
+            entropy.append(zlib.crc32(self.source.encode()))
+        state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 

@@ -30,21 +30,23 @@ class Episodes:
     Stacked (every task of one shape, as fixed N-way K-shot families draw them): each field is one tensor
     with the tasks along dim 0, ``support_x`` (T, S, *x) … ``query_y`` (T, Q, *y); vectorised backends need
     this. Ragged (tasks with their own ways and shots, as Meta-Dataset draws them): each field is a list
-    of T per-task values; backends that go task by task take both. :meth:`of` builds either.
+    of T per-task values; backends that go task by task take both. :meth:`of` builds either. ``source``: the
+    source every task was drawn from, where a family evaluates several apart (``task=multi_source``), else ``None``.
     """
 
     support_x: Any  # Inputs stacked along dim 0, or a list of T Inputs
     support_y: Any
     query_x: Any
     query_y: Any
+    source: str | None = None
 
     @classmethod
-    def of(cls, tasks: Sequence[Task]) -> Episodes:
+    def of(cls, tasks: Sequence[Task], source: str | None = None) -> Episodes:
         """Stack ``tasks`` when they share every shape, else keep them as lists."""
         fields = [[getattr(task, name) for task in tasks] for name in ("support_x", "support_y", "query_x", "query_y")]
         if all(_same_shapes(values) for values in fields):
-            return cls(*(_stack(values) for values in fields))
-        return cls(*fields)
+            return cls(*(_stack(values) for values in fields), source=source)
+        return cls(*fields, source=source)
 
     @property
     def stacked(self) -> bool:
@@ -56,14 +58,14 @@ class Episodes:
     def __getitem__(self, index: int | slice) -> Any:
         """``episodes[i]`` is task i (a :class:`Task`); ``episodes[a:b]`` a smaller meta-batch."""
         parts = (_index(value, index) for value in (self.support_x, self.support_y, self.query_x, self.query_y))
-        return Task(*parts) if isinstance(index, int) else Episodes(*parts)
+        return Task(*parts) if isinstance(index, int) else Episodes(*parts, source=self.source)
 
     def __iter__(self):
         return (self[index] for index in range(len(self)))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Episodes:
         return Episodes(*(_to(value, device, non_blocking) for value in
-                          (self.support_x, self.support_y, self.query_x, self.query_y)))
+                          (self.support_x, self.support_y, self.query_x, self.query_y)), source=self.source)
 
 
 def _index(value: Any, index: int | slice) -> Any:
