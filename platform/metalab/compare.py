@@ -10,12 +10,18 @@ under the table: its runs did not see the same images. Writes
 ``table.md``, ``table.csv``, ``learning_curves.png`` and, where the runs vary ``task.shots``,
 ``accuracy_vs_shots.png`` (error bars: the same interval); with ``--sweep`` they are also logged to the sweep's
 parent run, under ``compare/``. ``--sweep last`` compares the newest sweep in the store.
+
+``--columns source`` gives Meta-Dataset's table for multi-source runs (``task=multi_source``): a column per
+source (the runs' ``meta_test/<source>/post_acc``), a cell per algorithm and source, and each row's average rank
+across the sources (1 = best in every source; equal means share their ranks' average). A cell of one run (one
+seed) shows that run's own interval over its test tasks, marked †, as Meta-Dataset's table does.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,7 @@ class Comparison:
     warnings: list[str]  # e.g. cells mixing runs on different data
     curves: Curves  # what learning_curves.png shows
     sweep_id: str | None = None  # the sweep compared ("last" resolved)
+    ranks: pd.Series | None = None  # --columns source: each row's average rank across the sources
 
 
 def compare(tracking_uri: str | None = None, experiments: list[str] | None = None, sweep_id: str | None = None,
@@ -59,21 +66,51 @@ def compare(tracking_uri: str | None = None, experiments: list[str] | None = Non
     if f"metrics.{metric}" not in runs or runs[f"metrics.{metric}"].isna().all():
         logged = sorted(c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and runs[c].notna().any())
         raise ConfigError(f"no selected run logged metric '{metric}'; these did: {', '.join(logged) or 'none'}")
-    runs = runs.assign(_row=key_values(runs, rows), _column=key_values(runs, columns),
-                       _value=runs[f"metrics.{metric}"]).dropna(subset=["_value"])
-    table = summarise(runs, higher_is_better="loss" not in metric)
+    higher_is_better = "loss" not in metric
+    if columns == SOURCE_COLUMNS:
+        runs = per_source(runs.assign(_row=key_values(runs, rows)), metric)
+    else:
+        runs = runs.assign(_row=key_values(runs, rows), _column=key_values(runs, columns),
+                           _value=runs[f"metrics.{metric}"]).dropna(subset=["_value"])
+    table = summarise(runs, higher_is_better)
+    ranks = average_ranks(table, higher_is_better) if columns == SOURCE_COLUMNS else None
     warnings = mixed_data(runs.assign(_data=runs["run_id"].map(store.data_digests(list(runs["run_id"])))))
     out = out or Path("reports") / (sweep_id or "compare")
     out.mkdir(parents=True, exist_ok=True)
-    curves = plot_learning_curves(store, runs, metric, out / "learning_curves.png")
-    files = [write_markdown(table, metric, rows, columns, out / "table.md", warnings),
-             write_csv(table, out / "table.csv"), out / "learning_curves.png"]
+    curves = plot_learning_curves(store, runs, metric, out / "learning_curves.png", by_source=ranks is not None)
+    files = [write_markdown(table, metric, rows, columns, out / "table.md", warnings, ranks),
+             write_csv(table, out / "table.csv", ranks), out / "learning_curves.png"]
     if "params.task.shots" in runs and runs["params.task.shots"].nunique() > 1:
         files.append(plot_versus_shots(runs, metric, out / "accuracy_vs_shots.png"))
     parent = store.sweep_parent(sweep_id, experiments) if sweep_id else None
     if parent:
         store.annotate(parent, files=files, folder="compare")
-    return Comparison(table, metric, files, warnings, curves, sweep_id)
+    return Comparison(table, metric, files, warnings, curves, sweep_id, ranks)
+
+
+SOURCE_COLUMNS = "source"  # --columns source: Meta-Dataset's table, a column per source of multi-source runs
+
+
+def per_source(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One line per run and source: ``_column`` the source, ``_value`` its ``<stage>/<source>/<name>`` metric,
+    ``_run_ci`` the run's own interval over its tasks (``..._ci95``)."""
+    stage, _, name = metric.partition("/")
+    pattern = re.compile(rf"^metrics\.{re.escape(stage)}/([^/]+)/{re.escape(name)}$")
+    found = [(match.group(1), column) for column in runs.columns if (match := pattern.match(column))]
+    if not found:
+        raise ConfigError(f"--columns source needs runs of several sources (task=multi_source logs {stage}/<source>/"
+                          f"{name}); no selected run logged one")
+    nothing = pd.Series(np.nan, index=runs.index)
+    frames = [runs.assign(_column=source, _value=runs[column], _run_ci=runs.get(f"{column}_ci95", nothing))
+              for source, column in sorted(found)]
+    return pd.concat(frames, ignore_index=True).dropna(subset=["_value"])
+
+
+def average_ranks(table: pd.DataFrame, higher_is_better: bool) -> pd.Series:
+    """Each row's rank in every column (1 = best; equal means share the average of their ranks), averaged over
+    the columns it has a value in."""
+    means = table.pivot(index="row", columns="column", values="mean")
+    return means.rank(ascending=not higher_is_better, method="average").mean(axis=1).rename("avg rank")
 
 
 def key_values(runs: pd.DataFrame, key: str) -> pd.Series:
@@ -89,6 +126,13 @@ def summarise(runs: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
     grouped = runs.groupby(["_row", "_column"])["_value"]
     table = grouped.agg(mean="mean", n="count", std="std").reset_index()
     table["ci95"] = [ci95_half_width(s, n) for s, n in zip(table["std"], table["n"], strict=True)]
+    table["ci_of"] = "seeds"
+    if "_run_ci" in runs:  # one run: no spread over seeds, so its own interval over test tasks (marked †)
+        single = (table["n"] == 1).to_numpy()
+        own = runs.groupby(["_row", "_column"])["_run_ci"].first().reindex(
+            pd.MultiIndex.from_frame(table[["_row", "_column"]])).to_numpy()
+        table.loc[single, "ci95"] = own[single]
+        table.loc[single, "ci_of"] = "tasks"
     best = table.groupby("_column")["mean"].transform("max" if higher_is_better else "min")
     table["best"] = table["mean"] == best
     return table.drop(columns="std").rename(columns={"_row": "row", "_column": "column"})
@@ -107,35 +151,47 @@ def mixed_data(runs: pd.DataFrame) -> list[str]:
 
 
 def cell(row: pd.Series) -> str:
-    text = f"{row['mean']:.4f}" + (f" ± {row['ci95']:.4f}" if not math.isnan(row["ci95"]) else "") + f" (n={row['n']})"
+    interval = "" if math.isnan(row["ci95"]) else f" ± {row['ci95']:.4f}" + ("†" if row.get("ci_of") == "tasks" else "")
+    text = f"{row['mean']:.4f}{interval} (n={row['n']})"
     return f"**{text}**" if row["best"] else text
 
 
 def write_markdown(table: pd.DataFrame, metric: str, rows: str, columns: str, path: Path,
-                   warnings: Sequence[str] = ()) -> Path:
+                   warnings: Sequence[str] = (), ranks: pd.Series | None = None) -> Path:
     pivot = table.assign(cell=table.apply(cell, axis=1)).pivot(index="row", columns="column", values="cell").fillna("—")
+    if ranks is not None:
+        pivot["avg rank"] = ranks.reindex(pivot.index).map("{:.2f}".format)
     header = f"| {rows} \\ {columns} | " + " | ".join(map(str, pivot.columns)) + " |"
     lines = [f"{metric}: mean ± {INTERVAL} (n = runs, the seeds); best per column in bold", "", header,
              "|" + "---|" * (len(pivot.columns) + 1)]
     lines += [f"| {index} | " + " | ".join(pivot.loc[index]) + " |" for index in pivot.index]
+    if (table["ci_of"] == "tasks").any():
+        lines += ["", "† one run: its own 95% CI over its test tasks, not over seeds"]
+    if ranks is not None:
+        lines += ["", "avg rank: each row's rank per source (1 = best; equal means share), averaged over the sources"]
     lines += ["", *warnings] if warnings else []
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def write_csv(table: pd.DataFrame, path: Path) -> Path:
+def write_csv(table: pd.DataFrame, path: Path, ranks: pd.Series | None = None) -> Path:
+    if ranks is not None:
+        table = table.assign(avg_rank=table["row"].map(ranks))
     table.to_csv(path, index=False)
     return path
 
 
-def plot_learning_curves(store: RunStore, runs: pd.DataFrame, metric: str, path: Path) -> Curves:
+def plot_learning_curves(store: RunStore, runs: pd.DataFrame, metric: str, path: Path,
+                         by_source: bool = False) -> Curves:
     """The validation curve of the metric (``meta_val/...``) against step, mean ± std across seeds, one panel
-    per column; returns what it plotted. Curves of few validations get markers: one point is no line."""
-    curve = metric.replace("meta_test/", "meta_val/")
+    per column (``by_source``: each source's own curve, ``meta_val/<source>/...``); returns what it plotted.
+    Curves of few validations get markers: one point is no line."""
+    stage, _, name = metric.replace("meta_test/", "meta_val/").partition("/")
     columns = sorted(runs["_column"].unique())
     figure, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 3.6), squeeze=False)
     plotted: Curves = {}
     for axis, column in zip(axes[0], columns, strict=True):
+        curve = f"{stage}/{column}/{name}" if by_source else f"{stage}/{name}"
         for row, group in runs[runs["_column"] == column].groupby("_row"):
             histories = [store.metric_history(run_id, curve) for run_id in group["run_id"]]
             steps = sorted(set().union(*histories))
@@ -180,7 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE, repeatable")
     parser.add_argument("--metric", help="default: meta_test/post_acc if logged, else meta_test/post_loss")
     parser.add_argument("--rows", default="algorithm")
-    parser.add_argument("--columns", default="task")
+    parser.add_argument("--columns", default="task",
+                        help="a config key, or 'source': a column per source of multi-source runs, with average ranks")
     parser.add_argument("--out", type=Path, help="default: reports/<sweep id or 'compare'>")
 
 
