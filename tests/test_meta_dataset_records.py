@@ -269,6 +269,21 @@ def test_a_missing_class_file_is_named(tmp_path: Path) -> None:
         family(tmp_path, tmp_path).prepare()
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"file_pattern": "{}_{}.tfrecords"}, r"file_pattern '\{\}_\{\}.tfrecords' is not read \(shards or example-level "
+                                          r"pools\); metalab reads one '\{\}.tfrecords' file per class$"),
+    ({"classes_per_split": {"TRAIN": 6, "VALID": 5, "TEST": 6}}, r"class 16 of its splits is missing from class_names"),
+    ({"classes_per_split": {"TRAIN": 6, "VALID": 5}}, r"is not a Meta-Dataset dataset_spec.json \(KeyError: 'TEST'\)"),
+    ({"__class__": "DatasetSpec"}, r"__class__ 'DatasetSpec' is none of DatasetSpecification, "),
+], ids=["shards", "too-many-classes", "no-test-count", "unknown-class"])
+def test_a_malformed_spec_is_one_line_naming_it(tmp_path: Path, change: dict, message: str) -> None:
+    flat_source(tmp_path)
+    spec = json.loads((tmp_path / "aircraft" / "dataset_spec.json").read_text())
+    write_spec(tmp_path / "aircraft", spec | change)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/aircraft/dataset_spec.json(: | ){message}"):
+        family(tmp_path, tmp_path, sampler="meta_dataset").prepare()
+
+
 def flip_byte_of_record(path: Path, record: int, at: int) -> None:
     offsets, _, _ = record_spans(path)
     content = bytearray(path.read_bytes())

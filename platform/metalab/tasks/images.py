@@ -153,8 +153,8 @@ class ImageClassFamily(TaskFamily):
             if isinstance(data.images, torch.Tensor):
                 dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
             else:  # given the labels' indices: MetaDataset would otherwise read every image to learn them
-                by_label = {int(label): (data.labels == label).nonzero().flatten().tolist()
-                            for label in data.labels.unique()}
+                members = torch.split(torch.argsort(data.labels, stable=True), data.samples_per_class().tolist())
+                by_label = {label: indices.tolist() for label, indices in enumerate(members) if len(indices)}
                 dataset = l2l.data.MetaDataset(_StoredImages(data), labels_to_indices=by_label)
             transforms = [l2l.data.transforms.NWays(dataset, ways),
                           l2l.data.transforms.KShots(dataset, shots + queries),

@@ -96,7 +96,11 @@ def read_spec(path: Path) -> SourceSpec:
         else:
             raise ConfigError(f"{path}: __class__ {kind!r} is none of DatasetSpecification, "
                               "BiLevelDatasetSpecification, HierarchicalDatasetSpecification")
-        return SourceSpec(kind, {split: [int(c) for c in ids] for split, ids in classes.items()}, names, images)
+        classes = {split: [int(c) for c in ids] for split, ids in classes.items()}
+        unnamed = next((c for ids in classes.values() for c in ids if c not in names or c not in images), None)
+        if unnamed is not None:
+            raise ConfigError(f"{path}: class {unnamed} of its splits is missing from class_names or images_per_class")
+        return SourceSpec(kind, classes, names, images)
     except ConfigError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -120,7 +124,7 @@ def decode_image(data: bytes, size: int, mode: str) -> np.ndarray:
 class RecordImages:
     """The images of one split, decoded from their records when indexed: ``store[indices]`` (a LongTensor of
     image indices) is uint8 (n, C, size, size). Holds only where each record lies (file, offset, length), so a
-    split of any size costs ~20 bytes an image in memory; each file is opened for the read and closed after."""
+    split of any size costs ~30 bytes an image in memory; each file is opened for the read and closed after."""
 
     def __init__(self, files: list[Path], classes: np.ndarray, file_of: np.ndarray, record_of: np.ndarray,
                  offsets: np.ndarray, lengths: np.ndarray, size: int, mode: str) -> None:
