@@ -90,6 +90,8 @@ CHECKS: dict[str, Check] = {
     "metalab-train task=mini_imagenet task.root=/data/mini-imagenet model.hidden_size=32":
         Check("cfg", shows="hidden_size: 32"),
     "metalab-train experiment=maml_omniglot_5w1s task.root=/data/omniglot": Check("cfg", shows="split: maml"),
+    "metalab-train task=meta_dataset_source task.root=/data/meta-dataset task.source=omniglot algorithm=protonet":
+        Check("cfg", shows="source: omniglot"),
     # Without the data set (as on CI) it must say so in one line, and exit 1.
     "metalab reproduce maml_omniglot_5w1s task.root=/data/omniglot":
         Check(exit_status=1, shows="not found under task.root=/data/omniglot"),
@@ -127,7 +129,7 @@ def argv(command: str, how: str) -> list[str]:
 
 def environment(folder: Path, kanji_home: Path) -> dict[str, str]:
     """A user's shell in ``folder``: no tracking URI or data roots set, the shared kanji render cache."""
-    unset = ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR", "OMNIGLOT_ROOT", "MINI_IMAGENET_ROOT")
+    unset = ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR", "OMNIGLOT_ROOT", "MINI_IMAGENET_ROOT", "META_DATASET_ROOT")
     return {key: value for key, value in os.environ.items() if key not in unset} | {
         "XDG_CACHE_HOME": str(kanji_home), "PATH": f"{BIN}:{os.environ['PATH']}"}
 

@@ -5,6 +5,7 @@ from metalab.tasks.episodes import Episodes
 from metalab.tasks.folder import ImageFolder
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 from metalab.tasks.kanji import KanjiHandwriting
+from metalab.tasks.meta_dataset_records import MetaDatasetSource
 from metalab.tasks.mini_imagenet import MiniImageNet
 from metalab.tasks.multi_source import MultiSource
 from metalab.tasks.omniglot import Omniglot
@@ -16,6 +17,7 @@ __all__ = [
     "ImageFolder",
     "KanjiHandwriting",
     "LabelledImages",
+    "MetaDatasetSource",
     "MiniImageNet",
     "MultiSource",
     "Omniglot",

@@ -7,11 +7,11 @@ import json
 import random
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import learn2learn as l2l
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from metalab.errors import ConfigError
 from metalab.tasks.base import TaskFamily
@@ -22,11 +22,21 @@ SPLITS = ("train", "val", "test")
 SAMPLERS = ("fixed", "meta_dataset")
 
 
+class ImageStore(Protocol):
+    """Images decoded when drawn, for data too large to hold (e.g. Meta-Dataset's ILSVRC-2012): ``len`` and
+    ``store[indices]`` (a LongTensor of image indices) → uint8 (n, C, H, W), as indexing a tensor would give."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, indices: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass
 class LabelledImages:
-    """All images of one split: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,), class names by label."""
+    """All images of one split: ``images`` uint8 (N, C, H, W) (a tensor, or an :class:`ImageStore` that decodes
+    them when drawn), ``labels`` int64 (N,), class names by label."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageStore
     labels: torch.Tensor
     class_names: list[str]
 
@@ -140,7 +150,12 @@ class ImageClassFamily(TaskFamily):
             data = self._read_split(split)
             self._check_enough(split, data)
             ways, shots, queries = self.episode(split)
-            dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
+            if isinstance(data.images, torch.Tensor):
+                dataset = l2l.data.MetaDataset(TensorDataset(data.images, data.labels))
+            else:  # given the labels' indices: MetaDataset would otherwise read every image to learn them
+                members = torch.split(torch.argsort(data.labels, stable=True), data.samples_per_class().tolist())
+                by_label = {label: indices.tolist() for label, indices in enumerate(members) if len(indices)}
+                dataset = l2l.data.MetaDataset(_StoredImages(data), labels_to_indices=by_label)
             transforms = [l2l.data.transforms.NWays(dataset, ways),
                           l2l.data.transforms.KShots(dataset, shots + queries),
                           l2l.data.transforms.LoadData(dataset),
@@ -222,3 +237,16 @@ class ImageClassFamily(TaskFamily):
         support = images[:, :shots].flatten(0, 1), labels[:, :shots].flatten()
         query = images[:, shots:].flatten(0, 1), labels[:, shots:].flatten()
         return support[0], support[1], query[0], query[1]
+
+
+class _StoredImages(Dataset):
+    """(image, label) pairs of an :class:`ImageStore`'s split, each image decoded when learn2learn loads it."""
+
+    def __init__(self, data: LabelledImages) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.images[torch.tensor([index])][0], self.data.labels[index]
