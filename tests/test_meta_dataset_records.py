@@ -410,9 +410,8 @@ def test_metalab_train_learns_from_records(tmp_path: Path) -> None:
     result = run_cli(["task=meta_dataset_source", f"task.root={tmp_path / 'records'}", "task.source=omniglot",
                       f"task.cache_dir={tmp_path / 'cache'}", "task.image_size=28", "algorithm=protonet",
                       "model.hidden_size=16", "tracking=none", "trainer.max_steps=3", "task.meta_batch_size=2",
-                      # one task per evaluation batch: a ragged batch whose predictions happen to share one shape is
-                      # stacked by the runner and then trips the learner's per-task record (reported separately)
-                      "task.val_tasks=2", "task.test_tasks=4", "task.eval_batch_size=1",
+                      # batches of 2 ragged tasks: the predictions of some share one shape (stacked by the runner)
+                      "task.val_tasks=2", "task.test_tasks=4", "task.eval_batch_size=2",
                       "trainer.enable_progress_bar=false", "runner.backend=loop"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy = re.search(r"post-adaptation accuracy: ([0-9.]+)", result.stdout + result.stderr)

@@ -16,6 +16,7 @@ from metalab.compare import compare
 from metalab.errors import ConfigError
 from metalab.job import train
 from metalab.learner import MetaLearner
+from metalab.tasks.episodes import Episodes
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 from metalab.tasks.multi_source import MultiSource, rekeyed
 from metalab.tracking.client import experiment_id
@@ -187,3 +188,14 @@ def test_a_multi_source_run_trains_and_reports_each_source(job, kanji_cache, tmp
     run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_runs(
         [experiment_id(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), "multi_source")])[0]
     assert {"meta_test/kanji/post_acc", "meta_test/omniglot/post_acc", "meta_test/post_acc"} <= set(run.data.metrics)
+
+
+def test_ragged_tasks_whose_predictions_share_one_shape_are_recorded_per_task() -> None:
+    """Support sizes differ (a ragged batch) but both tasks have 2 queries of 3 ways: the runner stacks the
+    predictions, the targets stay a list; each task's loss and accuracy are still its own."""
+    learner = MetaLearner(ProtoNet(nn.Flatten()), optimizer=torch.optim.Adam, problem="classification")
+    tasks = Episodes([torch.zeros(3, 1), torch.zeros(5, 1)], [torch.arange(3), torch.arange(5) % 3],
+                     [torch.zeros(2, 1), torch.zeros(2, 1)], [torch.tensor([0, 1]), torch.tensor([2, 2])])
+    predictions = torch.tensor([[[5.0, 0, 0], [0, 5.0, 0]], [[5.0, 0, 0], [0, 0, 5.0]]])  # task 0: 2/2, task 1: 1/2
+    learner._record("post", predictions, tasks)
+    assert torch.equal(learner._per_task[None]["post_acc"][0], torch.tensor([1.0, 0.5]))

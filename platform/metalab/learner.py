@@ -236,6 +236,8 @@ class MetaLearner(pl.LightningModule):
         the tasks' source (``None`` for a family of one source)."""
         targets, kept = tasks.query_y, self._per_task[tasks.source]
         if isinstance(predictions, Tensor):  # stacked (T, Q, *out): every task's mean in a few tensor ops
+            if isinstance(targets, list):  # ragged tasks (support sizes differ) whose queries share one shape
+                targets = torch.stack(targets)
             count = len(predictions)
             losses = self.loss_fn(predictions.flatten(0, 1), targets.flatten(0, 1), reduction="none")
             kept[f"{when}_loss{suffix}"].append(losses.reshape(count, -1).mean(1))
