@@ -13,7 +13,7 @@ from torch import nn
 
 from metalab.algorithms.protonet import ProtoNet
 from metalab.compare import compare
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, DataMissingError
 from metalab.job import train
 from metalab.learner import MetaLearner
 from metalab.tasks.episodes import Episodes
@@ -37,6 +37,22 @@ class Constant(ImageClassFamily):
         images = torch.full((len(labels), 1, self.image_size, self.image_size), self.value, dtype=torch.uint8)
         images[:, 0, 0, 0] = labels.to(torch.uint8)
         return LabelledImages(images, labels, [f"class{c}" for c in range(self.classes)])
+
+
+class HeldOutData(Constant):
+    """A source with test classes only (as Meta-Dataset's Traffic Signs): reading another split fails; or none at
+    all (``present=False``: its data is missing)."""
+
+    def __init__(self, *, present: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.present = present
+
+    def load_split(self, split: str) -> LabelledImages:
+        if not self.present:
+            raise DataMissingError("no records under task.root=/nowhere: expected <root>/<source>/dataset_spec.json")
+        if split != "test":
+            raise AssertionError(f"a test-only source's {split} split was read")
+        return super().load_split(split)
 
 
 def entry(value: int, classes: int = 8, size: int | None = 6) -> dict:
@@ -108,6 +124,25 @@ def test_bad_source_settings_are_refused_in_one_line() -> None:
         family(sources=["c"], test_only=["c"])
     with pytest.raises(ConfigError, match=r"^task.source_weights must be uniform or classes, got 'sizes'$"):
         family(source_weights="sizes")
+
+
+def test_a_test_only_source_is_read_for_its_test_split_alone() -> None:
+    catalogue = CATALOGUE | {"signs": OmegaConf.create({"_target_": f"{__name__}.HeldOutData", "value": 7})}
+    made = family(sources=["a", "signs"], test_only=["signs"], catalogue=catalogue)
+    assert made.sample_source("signs", 2, torch.Generator().manual_seed(0), "test").source == "signs"
+
+
+def test_a_source_without_its_data_stops_the_run_or_is_left_out() -> None:
+    absent = OmegaConf.create({"_target_": f"{__name__}.HeldOutData", "present": False})
+    catalogue = CATALOGUE | {"signs": absent}
+    with pytest.raises(DataMissingError, match=r"^source signs of task=multi_source: no records under "
+                                               r"task.catalogue.signs.root=/nowhere: .* \(or task.skip_missing=true "
+                                               r"to go on without it\)$"):
+        family(sources=["a", "signs"], test_only=["signs"], catalogue=catalogue)
+    made = family(sources=["a", "signs"], test_only=["signs"], catalogue=catalogue, skip_missing=True)
+    assert made.evaluation_sources("test") == ["a"] and made.sources == ["a"]
+    with pytest.raises(DataMissingError, match=r"^no training source of task=multi_source has its data here"):
+        family(sources=["signs"], test_only=[], catalogue=catalogue, skip_missing=True)
 
 
 def test_a_source_error_names_the_key_where_it_is_set() -> None:

@@ -101,9 +101,10 @@ class ImageClassFamily(TaskFamily):
     def load_split(self, split: str) -> LabelledImages:
         """All images of ``split`` ("train", "val" or "test"); raise ConfigError naming the layout if absent."""
 
-    def prepare(self) -> None:
-        """Load every split and check it can serve the configured episodes (fails at start, not mid-run)."""
-        for split in SPLITS:
+    def prepare(self, splits: tuple[str, ...] = SPLITS) -> None:
+        """Load every split (or ``splits``: a test-only source of ``task=multi_source`` needs its test split alone)
+        and check it can serve the configured episodes (fails at start, not mid-run)."""
+        for split in splits:
             if self.sampler == "meta_dataset":
                 self.meta_dataset_sampler(split)
             else:

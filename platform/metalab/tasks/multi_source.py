@@ -12,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from metalab.errors import ConfigError
+from metalab.errors import ConfigError, DataMissingError
 from metalab.tasks.base import TaskFamily
 from metalab.tasks.episodes import Episodes, Task
+from metalab.tasks.images import ImageClassFamily
 
 SOURCE_WEIGHTS = ("uniform", "classes")
 EPISODE_SETTINGS = ("ways", "shots", "queries", "train_ways", "train_shots", "train_queries", "sampler",
@@ -50,6 +52,9 @@ class MultiSource(TaskFamily):
         test_only: sources tested only (their test classes), never trained or validated on.
         source_weights: how a training episode's source is drawn: ``uniform`` (Meta-Dataset's default) or
             ``classes`` (in proportion to each source's training classes).
+        root: a data root the catalogue's entries may share (``root: ${task.root}``, as ``task=meta_dataset``'s do).
+        skip_missing: leave out a source whose data is missing (a line says so) instead of stopping the run, so that
+            a benchmark of many sources runs on those present (at least one training source).
         image_size, channels: what every source serves (the model is sized from them).
         ways, shots, queries, train_ways, train_shots, train_queries, sampler, meta_dataset: episode settings, as
             :class:`~metalab.tasks.images.ImageClassFamily` takes them; ``sampler=meta_dataset`` (the default here)
@@ -62,10 +67,11 @@ class MultiSource(TaskFamily):
     instantiate_recursive = False  # Hydra hands the catalogue over as configs: only the chosen sources are built
 
     def __init__(self, *, sources: list[str], catalogue: dict[str, Any], test_only: list[str] | None = None,
-                 source_weights: str = "uniform", image_size: int = 28, channels: int = 1, ways: int = 5,
-                 shots: int = 1, queries: int = 15, train_ways: int | None = None, train_shots: int | None = None,
-                 train_queries: int | None = None, sampler: str = "meta_dataset",
-                 meta_dataset: dict[str, float] | None = None, **kwargs: Any) -> None:
+                 source_weights: str = "uniform", root: str | None = None, skip_missing: bool = False,
+                 image_size: int = 28, channels: int = 1, ways: int = 5, shots: int = 1, queries: int = 15,
+                 train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
+                 sampler: str = "meta_dataset", meta_dataset: dict[str, float] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         sources, test_only = list(sources), list(test_only or [])
         if not sources:
@@ -83,6 +89,7 @@ class MultiSource(TaskFamily):
         if source_weights not in SOURCE_WEIGHTS:
             raise ConfigError(f"task.source_weights must be {' or '.join(SOURCE_WEIGHTS)}, got {source_weights!r}")
         self.sources, self.test_only, self.source_weights = sources, test_only, source_weights
+        self.skip_missing, self.root = skip_missing, root
         self.training_sources = [name for name in sources if name not in test_only]
         if not self.training_sources:
             raise ConfigError("every source is in task.test_only: leave at least one to train on")
@@ -101,12 +108,33 @@ class MultiSource(TaskFamily):
             self.families[name] = family
 
     def prepare(self) -> None:
-        """Load and check every source (one line naming the source whose data is missing)."""
-        for name, family in self.families.items():
+        """Load and check every source: the splits it serves (a test-only source its test split alone). A source
+        whose data is missing stops the run in one line naming it, or with ``skip_missing`` is left out (a line
+        on stderr says so; its metrics are then absent, and ``metalab reproduce`` says "no data" for it)."""
+        for name, family in list(self.families.items()):
+            splits = ("test",) if name in self.test_only else ("train", "val", "test")
             try:
-                family.prepare()
+                family.prepare(splits) if isinstance(family, ImageClassFamily) else family.prepare()
+            except DataMissingError as error:
+                if not self.skip_missing:
+                    raise DataMissingError(f"source {name} of task={self.name}: {rekeyed(str(error), name)} (or "
+                                           "task.skip_missing=true to go on without it)") from None
+                print(f"metalab: source {name} left out (task.skip_missing=true): {rekeyed(str(error), name)}",
+                      file=sys.stderr)
+                self._leave_out(name)
             except ConfigError as error:
-                raise ConfigError(f"source {name} of task=multi_source: {rekeyed(str(error), name)}") from None
+                raise ConfigError(f"source {name} of task={self.name}: {rekeyed(str(error), name)}") from None
+        if not self.training_sources:
+            raise DataMissingError(f"no training source of task={self.name} has its data here: set "
+                                   "task.catalogue.<source>.root (see the lines above)")
+
+    def _leave_out(self, name: str) -> None:
+        del self.families[name]
+        self.sources.remove(name)
+        if name in self.training_sources:
+            self.training_sources.remove(name)
+        if name in self.test_only:
+            self.test_only.remove(name)
 
     def data_description(self) -> dict[str, str]:
         """Each source's description, under its name; the digest covers every source's digest."""
