@@ -54,8 +54,10 @@ def test_every_preset_composes_and_builds(job, name: str) -> None:
         assert (task.ways, task.shots) == (int(ways), int(shots))
     if name.startswith(("maml_mini", "fomaml_mini", "anil_mini")):
         assert cfg.model.hidden_size == 32  # Finn et al.'s mini-ImageNet network
-    if name.startswith("protonet"):
+    if name.startswith("protonet") and task.sampler == "fixed":
         assert task.train_ways > task.ways  # Snell et al. train with more ways than they test
+    if cfg.reproduction.sources:  # a multi-source preset: a published number for each of its sources
+        assert set(cfg.reproduction.sources) <= set(task.sources) and task.sampler == "meta_dataset"
 
 
 @pytest.mark.parametrize(("ours", "published", "tolerance", "expected"), [
@@ -164,14 +166,14 @@ def test_from_mlflow_judges_the_run_with_the_preset_s_config_not_the_newest(job,
     assert other_run.data.tags[CONFIG_HASH_TAG] != preset_run.data.tags[CONFIG_HASH_TAG]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
 
-    row = reproduce("maml_sinusoid_k5", budget="smoke", from_mlflow=True)
+    [row] = reproduce("maml_sinusoid_k5", budget="smoke", from_mlflow=True)
     assert row.run_id == preset_run.info.run_id
     assert row.ours == pytest.approx(preset_run.data.metrics["meta_test/post_loss"])
     table = markdown([row])
     assert f"- maml_sinusoid_k5: judged run {preset_run.info.run_id} ({preset_run.info.run_name})" in table
     assert other_run.info.run_id not in table
 
-    missing = reproduce("maml_sinusoid_k5", budget="smoke", overrides=["seed=7"], from_mlflow=True)
+    [missing] = reproduce("maml_sinusoid_k5", budget="smoke", overrides=["seed=7"], from_mlflow=True)
     assert missing.run_id is None and missing.problem.startswith(
         f"no finished run of maml_sinusoid_k5 with this config ({CONFIG_HASH_TAG}=")
 
@@ -193,3 +195,35 @@ def test_a_sweep_preset_without_its_data_is_no_data(tmp_path: Path) -> None:
     assert "| maml_pp_ablation_omniglot_20w1s |" in result.stdout and "| no data |" in result.stdout
     [line] = [line for line in result.stderr.splitlines() if line.strip()]
     assert "not found under task.root=/nonexistent/omniglot" in line
+
+
+def test_a_meta_dataset_preset_is_judged_per_source_and_absent_sources_are_no_data(tmp_path: Path) -> None:
+    """Records of three of the ten sources (aircraft and omniglot trained, traffic_sign tested only): their rows get
+    our number beside the paper's, the other seven "no data"; one run, tagged per source."""
+    from tests.test_meta_dataset_records import bilevel_source, flat_source
+
+    root = tmp_path / "records"
+    flat_source(root, "aircraft")
+    bilevel_source(root)
+    flat_source(root, "traffic_sign", per_split=(0, 0, 6))
+    caches = [f"task.catalogue.{source}.cache_dir={tmp_path / 'cache'}" for source in ("aircraft", "omniglot",
+                                                                                         "traffic_sign")]
+    small = ["model=cnn4", "task.image_size=28"]  # the preset's ResNet-12 at 84 px takes minutes on a CI core
+    result = reproduce_cli(["protonet_metadataset_all", "--budget", "smoke", f"task.root={root}", *caches, *small],
+                           tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.strip("|").split("|")]
+            for line in result.stdout.splitlines() if line.startswith("| protonet_metadataset_all/")}
+    assert len(rows) == 10
+    for source in ("aircraft", "omniglot", "traffic_sign"):
+        row = rows[f"protonet_metadataset_all/{source}"]
+        assert 0 <= float(row[2].split(" ± ")[0]) <= 100 and row[5] == "plumbing ok", row
+    assert rows["protonet_metadataset_all/aircraft"][1] == "71.14 ± 0.86"  # the paper's, all datasets
+    for source in ("ilsvrc_2012", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower", "mscoco"):
+        assert rows[f"protonet_metadataset_all/{source}"][5] == "no data"
+    assert ("- protonet_metadataset_all/mscoco: run " in result.stdout
+            and "has no metric meta_test/mscoco/post_acc: its source's data was not there" in result.stdout)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["metalab.reproduction.omniglot.verdict"] == "plumbing ok"
+    assert run.data.tags["metalab.reproduction.fungi.verdict"] == "no data"

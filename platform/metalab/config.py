@@ -111,6 +111,9 @@ class ReproductionConfig:
     higher_is_better: bool = True
     note: str = ""  # how this protocol differs from the paper's, if at all
     smoke: list[str] = field(default_factory=list)  # overrides added by `metalab reproduce --budget smoke`
+    # Multi-source presets (Meta-Dataset): per source [published, ± 95% CI], each judged on its own row against
+    # the run's <metric's stage>/<source>/<name> (meta_test/omniglot/post_acc); a source without it is "no data".
+    sources: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass

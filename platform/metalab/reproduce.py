@@ -112,8 +112,9 @@ def latest_run(store: RunStore, cfg: DictConfig) -> RecordedRun | None:
 
 
 def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = None,
-              from_mlflow: bool = False) -> Row:
-    """Run (or read) preset ``name`` and return its row; the row is also recorded on the run."""
+              from_mlflow: bool = False) -> list[Row]:
+    """Run (or read) preset ``name`` and return its row (a multi-source preset: a row per source); the rows are also
+    recorded on the run."""
     if name not in preset_names():
         raise ConfigError(f"no reproduction named {name!r}: choose one of {', '.join(preset_names())} or all")
     if budget not in BUDGETS:
@@ -124,45 +125,71 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         args = [args[0], *cfg.reproduction.smoke, *args[1:]]
         cfg = compose_preset(name, args)
     spec = cfg.reproduction
-    row = Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance, note=spec.note,
-              published_std_over_runs=spec.published_std_over_runs, smoke=budget == "smoke")
+    rows = [Row(name, spec.source, spec.published, spec.published_ci95, spec.tolerance, note=spec.note,
+                published_std_over_runs=spec.published_std_over_runs, smoke=budget == "smoke")]
+    metrics_of = [spec.metric]
+    if spec.sources:  # Meta-Dataset: a row per source, judged on that source's metric
+        stage, _, metric_name = spec.metric.partition("/")
+        rows = [Row(f"{name}/{source}", spec.source, published, ci95, spec.tolerance, note=spec.note if i == 0 else "",
+                    smoke=budget == "smoke") for i, (source, (published, ci95)) in enumerate(spec.sources.items())]
+        metrics_of = [f"{stage}/{source}/{metric_name}" for source in spec.sources]
     error = ""
     if not from_mlflow:
         status, error = run_preset(name, args)
         if status:
-            row.problem, row.data_missing = error or f"exit status {status}", status == DATA_MISSING_EXIT_CODE
-            return row
+            for row in rows:
+                row.problem, row.data_missing = error or f"exit status {status}", status == DATA_MISSING_EXIT_CODE
+            return rows
     store = RunStore(cfg.tracking.get("tracking_uri"))  # tracking=none: $MLFLOW_TRACKING_URI or the default
     run = latest_run(store, cfg)
+    for row, metric in zip(rows, metrics_of, strict=True):
+        judge(row, name, metric, run, cfg, error, store)
+    if run is not None and any(row.run_id for row in rows):
+        record(store, rows)
+    return rows
+
+
+def judge(row: Row, name: str, metric: str, run: RecordedRun | None, cfg: DictConfig, error: str,
+          store: RunStore) -> None:
+    """Fill ``row`` of preset ``name`` from ``run``'s ``metric`` (or say why there is no number)."""
+    spec = cfg.reproduction
     if run is None and error:  # a sweep preset exits 0 when its jobs fail: their error line says why
         # A DataMissingError's message always names task.root (metalab.errors); a single run says so by its exit status.
         row.problem, row.data_missing = error, "task.root=" in error
-        return row
+        return
     if run is None:
         row.problem = (f"no finished run of {name} with this config ({CONFIG_HASH_TAG}={config_hash(cfg)[:12]}…, "
                        f"the preset with the same overrides) in {store.tracking_uri}: run `metalab reproduce {name}` "
                        "first, with these overrides")
-        return row
+        return
     metrics = run.metrics
     row.run_id, row.run_name = run.run_id, run.name
-    if spec.metric not in metrics:
-        row.problem = f"run {row.run_id} has no metric {spec.metric}"
-        return row
-    row.ours = metrics[spec.metric] * spec.scale
-    row.ours_ci95 = metrics.get(f"{spec.metric}_ci95", math.nan) * spec.scale
+    if metric not in metrics:
+        row.problem = f"run {row.run_id} has no metric {metric}"
+        if spec.sources:  # the source was left out (task.skip_missing) or not in task.sources
+            row.problem += ": its source's data was not there (or it was not among task.sources)"
+            row.data_missing = True
+        return
+    row.ours = metrics[metric] * spec.scale
+    row.ours_ci95 = metrics.get(f"{metric}_ci95", math.nan) * spec.scale
     steps = int(cfg.learner.test_curve_steps or 0)
     if steps:
-        row.curve = [metrics.get(f"{spec.metric}_step{k}", math.nan) * spec.scale for k in range(1, steps + 1)]
-    record(store, row)
-    return row
+        row.curve = [metrics.get(f"{metric}_step{k}", math.nan) * spec.scale for k in range(1, steps + 1)]
 
 
-def record(store: RunStore, row: Row) -> None:
-    """Put the verdict on the run: tags and a one-row ``reproduction.md``."""
-    tags = {"metalab.reproduction.verdict": row.verdict, "metalab.reproduction.ours": f"{row.ours:.4g}"}
-    if row.difference is not None:
-        tags["metalab.reproduction.difference"] = f"{row.difference:+.4g}"
-    store.annotate(row.run_id, tags, texts={"reproduction.md": markdown([row])})
+def record(store: RunStore, rows: list[Row]) -> None:
+    """Put the verdicts on the run: tags (a multi-source preset's per source, ``metalab.reproduction.<source>.*``)
+    and ``reproduction.md``, its rows."""
+    tags = {}
+    for row in rows:
+        prefix = "metalab.reproduction." + (f"{row.name.split('/', 1)[1]}." if "/" in row.name else "")
+        tags[f"{prefix}verdict"] = row.verdict
+        if row.ours is not None:
+            tags[f"{prefix}ours"] = f"{row.ours:.4g}"
+        if row.difference is not None:
+            tags[f"{prefix}difference"] = f"{row.difference:+.4g}"
+    run_id = next(row.run_id for row in rows if row.run_id)
+    store.annotate(run_id, tags, texts={"reproduction.md": markdown(rows)})
 
 
 def _number(value: float | None, ci95: float | None = None) -> str:
@@ -208,7 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(arguments: argparse.Namespace) -> None:
     names = preset_names() if arguments.name == "all" else [arguments.name]
-    rows = [reproduce(name, arguments.budget, arguments.overrides, arguments.from_mlflow) for name in names]
+    rows = [row for name in names for row in reproduce(name, arguments.budget, arguments.overrides,
+                                                        arguments.from_mlflow)]
     table = markdown(rows)
     single_failure = len(rows) == 1 and rows[0].problem  # its reason ends the output as the error line, once
     print(f"\n{markdown(rows, problems=not single_failure)}", end="")
