@@ -238,8 +238,19 @@ def test_a_hierarchical_spec_takes_each_splits_leaves(tmp_path: Path) -> None:
         "path": "/path", "file_pattern": "{}.tfrecords", "__class__": "HierarchicalDatasetSpecification"})
     source = family(tmp_path, tmp_path, "ilsvrc_2012")
     assert source.load_split("val").class_names == leaves["VALID"]
-    assert source.load_split("test").superclasses() is None  # sampled flat
+    assert source.load_split("test").superclasses() is None  # no alphabets: the hierarchy instead
+    assert source.load_split("test").hierarchy == [[0, 1, 2, 3, 4]]  # the root spans every leaf of its split
     assert torch.equal(classes_in(source.load_split("test").images)[::5], torch.arange(10, 15))
+
+
+def test_a_hierarchy_spans_each_internal_node_s_leaves_in_wordnet_order() -> None:
+    """root → {animal → {dog, cat}, plant → {fern}}, and tree reached twice (under plant and root: a DAG)."""
+    graph = [{"wn_id": "n0root", "children_ids": ["n1animal", "n2plant", "n9tree"]},
+             {"wn_id": "n1animal", "children_ids": ["n5dog", "n3cat"]},
+             {"wn_id": "n2plant", "children_ids": ["n4fern", "n9tree"]},
+             *({"wn_id": leaf, "children_ids": []} for leaf in ("n3cat", "n4fern", "n5dog", "n9tree"))]
+    assert records_module.spanned_leaves(graph) == {"n0root": {"n3cat", "n4fern", "n5dog", "n9tree"},
+                                                    "n1animal": {"n3cat", "n5dog"}, "n2plant": {"n4fern", "n9tree"}}
 
 
 def test_a_source_held_out_of_a_split_says_so(tmp_path: Path) -> None:

@@ -114,6 +114,29 @@ def test_a_superclass_is_drawn_first_then_its_classes() -> None:
     assert abs(chosen["small"] - 1000) < 120, chosen  # alphabets uniformly, not by their class counts
 
 
+def test_a_hierarchy_node_is_drawn_and_its_classes_are_the_episode_s() -> None:
+    """ILSVRC's rule: a node spanning 5..392 classes uniformly; all its classes, or 50 of them drawn without
+    replacement where it spans more; a node of fewer than min_ways classes (or more than 392) is never drawn."""
+    sizes = [30] * 500
+    nodes = [list(range(0, 6)), list(range(6, 10)), list(range(10, 70)), list(range(0, 400))]  # 6, 4, 60, 400
+    sampler, generator = MetaDatasetSampler(sizes, RULES, hierarchy=nodes), torch.Generator().manual_seed(0)
+    drawn = Counter()
+    for _ in range(1500):
+        episode = sampler.sample(generator)
+        classes = set(episode.classes)
+        assert len(classes) == episode.ways  # without replacement
+        if classes <= set(nodes[0]):
+            assert classes == set(nodes[0])  # a small node: every class it spans
+            drawn["six"] += 1
+        else:
+            assert classes <= set(nodes[2]) and episode.ways == 50  # 50 of the 60
+            drawn["sixty"] += 1
+    assert abs(drawn["six"] - 750) < 90, drawn  # the two eligible nodes uniformly
+    with pytest.raises(ConfigError, match=r"^task.sampler=meta_dataset: no node of the class hierarchy spans between "
+                                          r"task.meta_dataset.min_ways=5 and 392 classes: lower min_ways$"):
+        MetaDatasetSampler(sizes, RULES, hierarchy=[nodes[1], nodes[3]])
+
+
 def test_the_same_generator_seed_gives_the_same_episodes() -> None:
     assert descriptions([20] * 30, 20, seed=3) == descriptions([20] * 30, 20, seed=3)
     assert descriptions([20] * 30, 20, seed=3) != descriptions([20] * 30, 20, seed=4)

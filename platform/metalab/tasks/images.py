@@ -39,6 +39,7 @@ class LabelledImages:
     images: torch.Tensor | ImageStore
     labels: torch.Tensor
     class_names: list[str]
+    hierarchy: list[list[int]] | None = None  # the classes each internal node of a class hierarchy spans (ILSVRC)
 
     def samples_per_class(self) -> torch.Tensor:
         return torch.bincount(self.labels, minlength=len(self.class_names))
@@ -117,7 +118,8 @@ class ImageClassFamily(TaskFamily):
             counts = data.samples_per_class()
             self._check_no_empty_class(split, data, counts)
             try:
-                self._samplers[split] = MetaDatasetSampler(counts.tolist(), self.rules, data.superclasses())
+                self._samplers[split] = MetaDatasetSampler(counts.tolist(), self.rules, data.superclasses(),
+                                                           data.hierarchy)
             except ConfigError as error:
                 raise ConfigError(f"the {split} split of {self.name}: {error}") from None
             order = torch.argsort(data.labels, stable=True)

@@ -54,6 +54,23 @@ class SourceSpec:
     classes: dict[str, list[int]]  # metalab split → class ids, ascending
     names: dict[int, str]
     images: dict[int, int]
+    # Hierarchical specs: per split, for each internal node of its graph (by WordNet id), the class ids of the leaves
+    # it spans (by WordNet id), as Meta-Dataset's sampler orders them.
+    spans: dict[str, list[list[int]]] | None = None
+
+
+def spanned_leaves(graph: list[dict]) -> dict[str, set[str]]:
+    """Each internal node's (WordNet id's) leaves, reached through ``children_ids`` within the split's graph."""
+    children = {node["wn_id"]: node["children_ids"] for node in graph}
+    found: dict[str, set[str]] = {}
+
+    def leaves_of(wn_id: str) -> set[str]:
+        if wn_id not in found:
+            below = children.get(wn_id, [])
+            found[wn_id] = set().union(*map(leaves_of, below)) if below else {wn_id}
+        return found[wn_id]
+
+    return {wn_id: leaves_of(wn_id) for wn_id, below in children.items() if below}
 
 
 def read_spec(path: Path) -> SourceSpec:
@@ -86,13 +103,15 @@ def read_spec(path: Path) -> SourceSpec:
             images = {int(key): int(count) for key, count in spec["images_per_class"].items()}
         elif kind == "HierarchicalDatasetSpecification":
             ids = {name: class_id for class_id, name in names.items()}
-            classes, images = {}, {}
+            classes, images, spans = {}, {}, {}
             for split in SPLITS:
                 graph, counts_under = spec["split_subgraphs"][SPEC_SPLITS[split]], spec["images_per_class"][
                     SPEC_SPLITS[split]]
                 leaves = [node["wn_id"] for node in graph if not node["children_ids"]]
                 classes[split] = sorted(ids[leaf] for leaf in leaves)
                 images |= {ids[leaf]: int(counts_under[leaf]) for leaf in leaves}
+                spans[split] = [[ids[leaf] for leaf in sorted(leaves_under)]
+                                for _, leaves_under in sorted(spanned_leaves(graph).items())]
         else:
             raise ConfigError(f"{path}: __class__ {kind!r} is none of DatasetSpecification, "
                               "BiLevelDatasetSpecification, HierarchicalDatasetSpecification")
@@ -100,7 +119,7 @@ def read_spec(path: Path) -> SourceSpec:
         unnamed = next((c for ids in classes.values() for c in ids if c not in names or c not in images), None)
         if unnamed is not None:
             raise ConfigError(f"{path}: class {unnamed} of its splits is missing from class_names or images_per_class")
-        return SourceSpec(kind, classes, names, images)
+        return SourceSpec(kind, classes, names, images, spans if kind == "HierarchicalDatasetSpecification" else None)
     except ConfigError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -188,7 +207,7 @@ class MetaDatasetSource(ImageClassFamily):
     Images are decoded from their JPEG/PNG bytes by PIL, converted to ``channels`` (3: RGB, as Meta-Dataset; 1:
     grey) and resized to ``image_size`` (84, Meta-Dataset's) by bilinear interpolation as Meta-Dataset's decoder
     does. A bi-level spec's classes (Omniglot) are named ``superclass/class``, so ``sampler=meta_dataset`` draws
-    an alphabet first; ILSVRC-2012's classes are its WordNet ids, sampled flat (the DAG is not used).
+    an alphabet first; ILSVRC-2012's classes are its WordNet ids, an episode's classes those a node of its DAG spans.
 
     Every record is located once (file, offset, length and stored CRC, from the framing alone) and the index
     cached in ``cache_dir``. A source of at most ``max_in_memory`` images is decoded whole (and the decoded
@@ -285,7 +304,9 @@ class MetaDatasetSource(ImageClassFamily):
             labels = torch.repeat_interleave(torch.arange(len(counts)), counts)
             names = [spec.names[c] for c in spec.classes[split]]
             images = store if self.lazy else self._decoded(split, store)
-            self._splits[split] = LabelledImages(images, labels, names)
+            position = {class_id: i for i, class_id in enumerate(spec.classes[split])}
+            hierarchy = None if spec.spans is None else [[position[c] for c in span] for span in spec.spans[split]]
+            self._splits[split] = LabelledImages(images, labels, names, hierarchy)
         return self._splits[split]
 
     def _store(self, split: str) -> RecordImages:

@@ -11,10 +11,15 @@ for a split whose classes hold known numbers of images:
 4. support per class: ⌊p_c · (support size − ways)⌋ + 1, capped by remaining_c, where p_c ∝ images_c ·
    exp(U(log ½, log 2)): proportional to the class's size, jittered, so episodes are imbalanced as the data.
 
+With a class hierarchy (ILSVRC-2012: WordNet), step 1 is instead ``use_dag_hierarchy``'s: an internal node of the
+split's graph is drawn uniformly among those spanning ``min_ways`` to 392 leaves (``MAX_SPANNING_LEAVES_ELIGIBLE``,
+the least that reaches every leaf), its leaves are the episode's classes, ``max_ways`` of them drawn without
+replacement where it spans more; so the classes of an episode are related, as in Meta-Dataset.
+
 Numbers only (which classes, how many support and query images of each); the family draws the images.
 Draws come from a ``torch.Generator``, so episodes follow the run's seed alone. Where Meta-Dataset's code
 differs: a superclass with fewer than ``min_ways`` classes is never drawn (its code would fail on one; Omniglot's
-alphabets all hold 14 or more), and ImageNet's sampling from its class hierarchy is not reproduced (flat here).
+alphabets all hold 14 or more).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from metalab.errors import ConfigError
+
+MAX_SPANNING_LEAVES_ELIGIBLE = 392  # Meta-Dataset's bound on an eligible node's leaves (meta_dataset/data/sampling.py)
 
 
 @dataclass(frozen=True)
@@ -89,15 +96,26 @@ class MetaDatasetSampler:
         class_sizes: images per class of the split.
         superclasses: each class's superclass (e.g. its alphabet), to draw a superclass first; ``None``: flat.
         rules: the sampler's settings.
+        hierarchy: the classes (indices) each internal node of a class hierarchy spans, to draw a node and take its
+            classes (ILSVRC-2012's WordNet); ``None``: flat (or by superclass).
     """
 
     def __init__(self, class_sizes: Sequence[int], rules: EpisodeRules,
-                 superclasses: Sequence[str] | None = None) -> None:
+                 superclasses: Sequence[str] | None = None, hierarchy: Sequence[Sequence[int]] | None = None) -> None:
         self.sizes = torch.as_tensor(list(class_sizes), dtype=torch.long)
         self.rules = rules
         if int(self.sizes.min()) < 2:
             raise ConfigError("task.sampler=meta_dataset needs at least 2 images per class (one support, one query); "
                               f"a class has {int(self.sizes.min())}")
+        self.nodes = None
+        if hierarchy is not None:
+            self.nodes = [torch.tensor(list(span)) for span in hierarchy
+                          if rules.min_ways <= len(span) <= MAX_SPANNING_LEAVES_ELIGIBLE]
+            if not self.nodes:
+                raise ConfigError("task.sampler=meta_dataset: no node of the class hierarchy spans between "
+                                  f"task.meta_dataset.min_ways={rules.min_ways} and {MAX_SPANNING_LEAVES_ELIGIBLE} "
+                                  "classes: lower min_ways")
+            return
         groups: dict[str, list[int]] = {}
         for index, name in enumerate(superclasses or [""] * len(self.sizes)):
             groups.setdefault(name, []).append(index)
@@ -110,9 +128,15 @@ class MetaDatasetSampler:
 
     def sample(self, generator: torch.Generator) -> EpisodeDescription:
         rules = self.rules
-        group = self.groups[int(torch.randint(len(self.groups), (1,), generator=generator))]
-        ways = int(torch.randint(rules.min_ways, min(rules.max_ways, len(group)) + 1, (1,), generator=generator))
-        classes = group[torch.randperm(len(group), generator=generator)[:ways]]
+        if self.nodes is not None:  # a node of the hierarchy, all its classes (at most max_ways of them)
+            node = self.nodes[int(torch.randint(len(self.nodes), (1,), generator=generator))]
+            classes = node[torch.randperm(len(node), generator=generator)[:rules.max_ways]] \
+                if len(node) > rules.max_ways else node
+            ways = len(classes)
+        else:
+            group = self.groups[int(torch.randint(len(self.groups), (1,), generator=generator))]
+            ways = int(torch.randint(rules.min_ways, min(rules.max_ways, len(group)) + 1, (1,), generator=generator))
+            classes = group[torch.randperm(len(group), generator=generator)[:ways]]
         sizes = self.sizes[classes]
         query = num_query(sizes, rules)
         remaining = sizes - query
