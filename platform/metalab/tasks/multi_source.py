@@ -52,6 +52,7 @@ class MultiSource(TaskFamily):
         test_only: sources tested only (their test classes), never trained or validated on.
         source_weights: how a training episode's source is drawn: ``uniform`` (Meta-Dataset's default) or
             ``classes`` (in proportion to each source's training classes).
+        name: the runs' MLflow experiment (``multi_source``; ``task=meta_dataset``'s is ``meta_dataset``).
         root: a data root the catalogue's entries may share (``root: ${task.root}``, as ``task=meta_dataset``'s do).
         skip_missing: leave out a source whose data is missing (a line says so) instead of stopping the run, so that
             a benchmark of many sources runs on those present (at least one training source).
@@ -67,7 +68,8 @@ class MultiSource(TaskFamily):
     instantiate_recursive = False  # Hydra hands the catalogue over as configs: only the chosen sources are built
 
     def __init__(self, *, sources: list[str], catalogue: dict[str, Any], test_only: list[str] | None = None,
-                 source_weights: str = "uniform", root: str | None = None, skip_missing: bool = False,
+                 source_weights: str = "uniform", name: str = "multi_source", root: str | None = None,
+                 skip_missing: bool = False,
                  image_size: int = 28, channels: int = 1, ways: int = 5, shots: int = 1, queries: int = 15,
                  train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
                  sampler: str = "meta_dataset", meta_dataset: dict[str, float] | None = None,
@@ -89,7 +91,7 @@ class MultiSource(TaskFamily):
         if source_weights not in SOURCE_WEIGHTS:
             raise ConfigError(f"task.source_weights must be {' or '.join(SOURCE_WEIGHTS)}, got {source_weights!r}")
         self.sources, self.test_only, self.source_weights = sources, test_only, source_weights
-        self.skip_missing, self.root = skip_missing, root
+        self.skip_missing, self.root, self.name = skip_missing, root, name
         self.training_sources = [name for name in sources if name not in test_only]
         if not self.training_sources:
             raise ConfigError("every source is in task.test_only: leave at least one to train on")
