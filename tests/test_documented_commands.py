@@ -84,6 +84,14 @@ CHECKS: dict[str, Check] = {
     "metalab-train hardware=ddp_cpu": Check(extra=SHORT, runs=1, slow=True),
     "metalab-train task=kanji algorithm=protonet": Check(extra=SHORT_IMAGES, runs=1),
     "metalab-train task=kanji algorithm=protonet task.sampler=meta_dataset": Check(extra=SHORT_IMAGES, runs=1),
+    "metalab-train task=multi_source algorithm=protonet 'task.sources=[kanji,glyphs]'":
+        Check(extra=(*SHORT_IMAGES, "task.meta_dataset={max_ways: 10, max_support: 50}"), runs=1,
+              shows="post-adaptation accuracy"),
+    "metalab compare --experiment multi_source --columns source":
+        Check(before=("metalab-train task=multi_source algorithm=protonet 'task.sources=[kanji,glyphs]'",), runs=1,
+              shows="| algorithm \\ source | glyphs | kanji | avg rank |"),
+    "metalab-train task=meta_dataset task.root=/data/meta-dataset algorithm=protonet":
+        Check("cfg", shows="test_only:\n  - traffic_sign\n  - mscoco"),
     "metalab-train task=kanji algorithm=maml algorithm.inner_lr=0.4 task.ways=20 task.shots=5":
         Check(extra=SHORT_IMAGES, runs=1, slow=True),
     "metalab-train task=omniglot task.root=/data/omniglot": Check("cfg", shows="root: /data/omniglot"),
@@ -95,6 +103,9 @@ CHECKS: dict[str, Check] = {
     # Without the data set (as on CI) it must say so in one line, and exit 1.
     "metalab reproduce maml_omniglot_5w1s task.root=/data/omniglot":
         Check(exit_status=1, shows="not found under task.root=/data/omniglot"),
+    "metalab reproduce protonet_metadataset_all task.root=/data/meta-dataset":
+        Check(exit_status=1, shows="no training source of task=meta_dataset has its data under "
+                                   "task.root=/data/meta-dataset"),
     "metalab reproduce maml_kanji_5w1s": Check(extra=("--budget", "smoke"), runs=1, shows="plumbing ok", slow=True),
     # Without Omniglot, the MAML++ ablation sweep's 7 jobs are FAILED runs (a failing sweep job gets one).
     "metalab reproduce all --budget smoke": Check(shows="| maml_kanji_5w1s |", failed=7, slow=True),

@@ -141,7 +141,8 @@ def test_a_source_without_its_data_stops_the_run_or_is_left_out() -> None:
         family(sources=["a", "signs"], test_only=["signs"], catalogue=catalogue)
     made = family(sources=["a", "signs"], test_only=["signs"], catalogue=catalogue, skip_missing=True)
     assert made.evaluation_sources("test") == ["a"] and made.sources == ["a"]
-    with pytest.raises(DataMissingError, match=r"^no training source of task=multi_source has its data here"):
+    with pytest.raises(DataMissingError, match=r"^no training source of task=multi_source has its data \(each "
+                                               r"left out above\)"):
         family(sources=["signs"], test_only=[], catalogue=catalogue, skip_missing=True)
 
 

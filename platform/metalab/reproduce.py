@@ -213,13 +213,26 @@ def markdown(rows: list[Row], problems: bool = True) -> str:
         lines.append(f"| {row.name} | {paper} | "
                      f"{_number(row.ours, row.ours_ci95)} | {difference} | {tolerance} | {row.verdict} |")
     notes = [f"- {row.name}: judged run {row.run_id} ({row.run_name})" for row in rows if row.run_id]
-    notes += [f"- {row.name}: {row.problem}" for row in rows if row.problem and problems]
+    by_problem: dict[str, list[str]] = {}  # a problem shared by rows (a multi-source run's) is said once
+    for row in rows:
+        if row.problem and problems:
+            by_problem.setdefault(row.problem, []).append(row.name)
+    notes += [f"- {_names(names)}: {problem}" for problem, names in by_problem.items()]
     notes += [f"- {row.name}: after 1…{len(row.curve)} inner steps: " + ", ".join(f"{v:.4g}" for v in row.curve)
               for row in rows if row.curve]
-    sources = [f"- {row.name}: {row.source}" for row in rows]
-    differences = [f"- {row.name}: {row.note}" for row in rows if row.note]
+    presets = {row.name.split("/")[0]: row for row in reversed(rows)}  # a multi-source preset's rows: said once
+    sources = [f"- {preset}: {row.source}" for preset, row in reversed(presets.items())]
+    differences = [f"- {row.name.split('/')[0]}: {row.note}" for row in rows if row.note]
     protocol = ["", "Where the protocol differs from the paper's:", *differences] if differences else []
     return "\n".join([*lines, "", *notes, *([""] if notes else []), "Sources:", *sources, *protocol]) + "\n"
+
+
+def _names(names: list[str]) -> str:
+    """Rows' names, a multi-source preset's every source as ``NAME/*``."""
+    presets = {name.split("/")[0] for name in names}
+    if len(names) > 1 and len(presets) == 1 and all("/" in name for name in names):
+        return f"{presets.pop()}/* ({len(names)} sources)"
+    return ", ".join(names)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -238,12 +251,13 @@ def run(arguments: argparse.Namespace) -> None:
     rows = [row for name in names for row in reproduce(name, arguments.budget, arguments.overrides,
                                                         arguments.from_mlflow)]
     table = markdown(rows)
-    single_failure = len(rows) == 1 and rows[0].problem  # its reason ends the output as the error line, once
+    # One preset whose run failed (every row the same reason): the reason ends the output as the error line, once.
+    single_failure = len(names) == 1 and all(row.problem == rows[0].problem for row in rows) and rows[0].problem
     print(f"\n{markdown(rows, problems=not single_failure)}", end="")
     if arguments.out:
         arguments.out.write_text(table)
-    if len(rows) == 1 and rows[0].problem:
-        raise ConfigError(f"{rows[0].name}: {rows[0].problem}")
+    if single_failure:
+        raise ConfigError(f"{names[0]}: {rows[0].problem}")
     # Presets without their data on this machine, or (--from-mlflow) without a run yet, are listed, not failures.
     failed = [row.name for row in rows if row.problem and not row.data_missing
               and not (arguments.from_mlflow and row.run_id is None)]

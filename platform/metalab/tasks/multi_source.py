@@ -127,8 +127,9 @@ class MultiSource(TaskFamily):
             except ConfigError as error:
                 raise ConfigError(f"source {name} of task={self.name}: {rekeyed(str(error), name)}") from None
         if not self.training_sources:
-            raise DataMissingError(f"no training source of task={self.name} has its data here: set "
-                                   "task.catalogue.<source>.root (see the lines above)")
+            under = f" under task.root={self.root}" if self.root else ""
+            raise DataMissingError(f"no training source of task={self.name} has its data{under} (each left out "
+                                   "above): point task.root (or task.catalogue.<source>.root) at the data")
 
     def _leave_out(self, name: str) -> None:
         del self.families[name]
