@@ -3,6 +3,7 @@
 from metalab.tasks.base import TaskFamily
 from metalab.tasks.episodes import Episodes
 from metalab.tasks.folder import ImageFolder
+from metalab.tasks.glyphs import PrintedGlyphs
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 from metalab.tasks.kanji import KanjiHandwriting
 from metalab.tasks.mini_imagenet import MiniImageNet
@@ -17,6 +18,7 @@ __all__ = [
     "LabelledImages",
     "MiniImageNet",
     "Omniglot",
+    "PrintedGlyphs",
     "SinusoidLineRegression",
     "SinusoidRegression",
     "TaskFamily",
