@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -122,6 +124,23 @@ def test_lookalikes_across_scripts_are_one_class(tmp_path: Path) -> None:
     points = {int(name.rsplit("U+", 1)[1], 16) for name in names}
     assert 0x41 in points and 0x391 not in points and 0x410 not in points
     assert {0x3B1, 0x416} <= points
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_rendering_shows_progress_on_a_terminal_only_while_rendering(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    small(tmp_path).load_split("train")  # a cache miss: renders
+    shown = terminal.getvalue()
+    assert "choosing the characters of 4 typefaces:" in shown and f"rendering glyphs once into {tmp_path}:" in shown
+    assert "/150 [" in shown
+    small(tmp_path).load_split("train")  # a cache hit: silent
+    assert terminal.getvalue() == shown
 
 
 @pytest.mark.parametrize(("settings", "message"), [
