@@ -3,6 +3,7 @@
 from metalab.tasks.base import TaskFamily
 from metalab.tasks.episodes import Episodes
 from metalab.tasks.folder import ImageFolder
+from metalab.tasks.glyphs import PrintedGlyphs
 from metalab.tasks.images import ImageClassFamily, LabelledImages
 from metalab.tasks.kanji import KanjiHandwriting
 from metalab.tasks.meta_dataset_records import MetaDatasetSource
@@ -21,6 +22,7 @@ __all__ = [
     "MiniImageNet",
     "MultiSource",
     "Omniglot",
+    "PrintedGlyphs",
     "SinusoidLineRegression",
     "SinusoidRegression",
     "TaskFamily",
