@@ -193,6 +193,11 @@ class GradientBasedAlgorithm(MetaAlgorithm):
 
 def joined_inputs(task: Task) -> Any:
     """The task's support and query inputs as one batch (tensors, or dicts of tensors with the same keys)."""
-    if isinstance(task.support_x, dict):
-        return {key: torch.cat([value, task.query_x[key]]) for key, value in task.support_x.items()}
-    return torch.cat([task.support_x, task.query_x])
+    return concatenated(task.support_x, task.query_x)
+
+
+def concatenated(first: Any, second: Any) -> Any:
+    """Two batches of inputs as one: tensors along dim 0, or dicts of tensors (token ids, masks) key by key."""
+    if isinstance(first, dict):
+        return {key: torch.cat([value, second[key]]) for key, value in first.items()}
+    return torch.cat([first, second])

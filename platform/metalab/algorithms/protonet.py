@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalab.algorithms.base import BATCH_NORM_MODES, BatchNormMode, Context, MetaAlgorithm, Predictor, joined_inputs
+from metalab.algorithms.base import (
+    BATCH_NORM_MODES,
+    BatchNormMode,
+    Context,
+    MetaAlgorithm,
+    Predictor,
+    concatenated,
+    joined_inputs,
+)
 from metalab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -88,8 +96,8 @@ class PrototypeClassifier(nn.Module):
         self.distance, self.temperature = distance, temperature
 
     def forward(self, query_x: Tensor) -> Tensor:
-        embedded = self.embedding(torch.cat([self.support_x, query_x])).flatten(1)  # (S + Q, D)
-        support, query = embedded[: len(self.support_x)], embedded[len(self.support_x):]
+        embedded = self.embedding(concatenated(self.support_x, query_x)).flatten(1)  # (S + Q, D)
+        support, query = embedded[: len(self.support_y)], embedded[len(self.support_y):]
         one_hot = F.one_hot(self.support_y).to(support.dtype)  # (S, N)
         prototypes = (one_hot.T @ support) / one_hot.sum(0, keepdim=True).T  # (N, D)
         if self.distance == "cosine":
