@@ -155,6 +155,7 @@ class GradientBasedAlgorithm(MetaAlgorithm):
     """
 
     inner_checkpointing: bool = False
+    zero_head: bool = False  # each episode's head starts at zero, sized to its ways (set by :meth:`_zero_head`)
 
     def __init__(self, inner_lr: float, inner_steps: int, eval_inner_steps: int | None) -> None:
         super().__init__()
@@ -180,6 +181,27 @@ class GradientBasedAlgorithm(MetaAlgorithm):
                               "algorithm.first_order=true keeps no inner-loop graph to checkpoint: set either false")
         self.inner_checkpointing = inner_checkpointing
 
+    def _zero_head(self, model: nn.Module, zero_head: bool, checkpointing_allowed: bool = False) -> None:
+        """Set ``zero_head`` (Triantafillou et al. 2020's fo-MAML on Meta-Dataset): every episode's linear head
+        starts at zero with one row per way of the episode (:func:`episode_zero_head`), so the head is not
+        meta-learned, the features are, and episodes of any number of ways work. The head then has no fixed
+        number of outputs (``one_output_per_way`` false), and the vectorised inner loop, which adapts the model's
+        own head, is ruled out. Call after :meth:`_checkpointing`; ``checkpointing_allowed``: the algorithm's
+        checkpointed inner loop takes the zero head too."""
+        if zero_head and not isinstance(getattr(model, "head", None), nn.Linear):
+            raise ConfigError(f"algorithm.zero_head=true needs a model whose head is one linear layer (model.head), "
+                              f"and {type(model).__name__} has none: use model=cnn4 or resnet12")
+        if zero_head and self.inner_checkpointing and not checkpointing_allowed:
+            raise ConfigError("algorithm.zero_head=true and algorithm.inner_checkpointing=true cannot be combined: "
+                              "set either false")
+        self.zero_head = zero_head
+        self.one_output_per_way = not zero_head  # a zero head takes each episode's ways
+        self.vectorised = not zero_head  # vectorised_sgd adapts the model's own head
+
+    def unadapted(self, task: Task, context: Context) -> Predictor | None:
+        """With ``zero_head`` nothing predicts before adaptation (the head is zero): no ``pre_*`` metrics."""
+        return None if self.zero_head else super().unadapted(task, context)
+
     def _steps(self, learner: nn.Module, inputs: Any, targets: Tensor, context: Context) -> nn.Module:
         """Take the inner SGD steps on a learn2learn clone (``MAML``/``MetaSGD``), in place.
 
@@ -196,3 +218,18 @@ def joined_inputs(task: Task) -> Any:
     if isinstance(task.support_x, dict):
         return {key: torch.cat([value, task.query_x[key]]) for key, value in task.support_x.items()}
     return torch.cat([task.support_x, task.query_x])
+
+
+def episode_zero_head(head: nn.Linear, labels: Tensor) -> dict[str, Tensor]:
+    """The zero head of an episode whose labels are ``labels`` (0 … N−1): ``weight`` (N, D) and ``bias`` (N,)
+    of zeros, in ``head``'s dtype and device, each a leaf of its own (so no meta-gradient reaches ``head``).
+
+    After one inner SGD step of size α on the mean cross-entropy of S support examples with features φ_i, the
+    head is W_k = α/S · Σ_i (1[y_i = k] − 1/N) φ_i, b_k = α/S · Σ_i (1[y_i = k] − 1/N): at zero every logit is
+    equal, so the step moves each row towards its class's features (a scaled prototype) and the features get no
+    gradient (∂L/∂φ = Wᵀ(p − y) = 0); they adapt from the second step on."""
+    ways, like = int(labels.max()) + 1, head.weight
+    zeros = {"weight": like.new_zeros(ways, like.shape[1]).requires_grad_()}
+    if head.bias is not None:
+        zeros["bias"] = like.new_zeros(ways).requires_grad_()
+    return zeros
