@@ -60,7 +60,8 @@ class ANIL(GradientBasedAlgorithm):
         head = self._steps(head, self.network.features(task.support_x), task.support_y, context)
         return nn.Sequential(self.network.features, head)
 
-    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
+    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context,
+                         support_mask: Tensor | None = None) -> Callable[..., Tensor]:
         rates = {name: self.head.lr for name, _ in self.network.named_parameters() if name.startswith("head.")}
         return vectorised_sgd(self.network, rates, support_x, support_y, context.loss_fn, self.steps(context),
-                              self.head.first_order or not context.training)
+                              self.head.first_order or not context.training, support_mask)

@@ -11,11 +11,13 @@ learn2learn's spirit:
 
 Opt-in, for the ``vmap`` backend: ``vectorised_adapt(support_x, support_y, context)`` adapts a whole
 stacked meta-batch at once and returns a predictor of its stacked queries (T, Q, *x) → (T, Q, *out). An
-algorithm without it never runs under ``vmap``. An algorithm that owns its whole outer step (e.g. TRPO
-for meta-RL) sets ``owns_outer_step = True`` and implements :meth:`~MetaAlgorithm.outer_step`. Evaluation's
-``pre_*`` metrics come from :meth:`~MetaAlgorithm.unadapted` (default: ``model``; ``None``: none logged).
-An algorithm whose tasks depend on one another (state carried from task to task) sets
-``sequential_tasks``: the runner then executes its tasks with the loop only.
+algorithm without it never runs under ``vmap``. One that also takes ``support_mask`` (T, S) and returns a
+predictor taking ``query_mask`` (T, Q) vectorises ragged meta-batches, padded (:mod:`metalab.runner.padding`;
+:func:`~metalab.algorithms.functional.vectorised_sgd` does the masking). An algorithm that owns its whole
+outer step (e.g. TRPO for meta-RL) sets ``owns_outer_step = True`` and implements
+:meth:`~MetaAlgorithm.outer_step`. Evaluation's ``pre_*`` metrics come from :meth:`~MetaAlgorithm.unadapted`
+(default: ``model``; ``None``: none logged). An algorithm whose tasks depend on one another (state carried from
+task to task) sets ``sequential_tasks``: the runner then executes its tasks with the loop only.
 
 Batch norm: adaptation and evaluation never write running statistics (the learner switches their tracking
 off around them, so every backend leaves the same checkpoint); once per meta-iteration the learner calls

@@ -66,9 +66,10 @@ class MAML(GradientBasedAlgorithm):
                                     self.steps(context), allow_unused=self.maml.allow_unused)
         return self._steps(self.maml.clone(), task.support_x, task.support_y, context)
 
-    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
+    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context,
+                         support_mask: Tensor | None = None) -> Callable[..., Tensor]:
         return vectorised_sgd(self.maml.module, self._rates(), support_x, support_y, context.loss_fn,
-                              self.steps(context), self.maml.first_order or not context.training)
+                              self.steps(context), self.maml.first_order or not context.training, support_mask)
 
     def _rates(self) -> dict[str, float]:
         """The inner step size of each adapted parameter (learn2learn leaves ``requires_grad=False`` ones alone)."""

@@ -62,9 +62,10 @@ class MetaSGD(GradientBasedAlgorithm):
                                     context.loss_fn, self.steps(context))
         return self._steps(self.metasgd.clone(), task.support_x, task.support_y, context)
 
-    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
+    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context,
+                         support_mask: Tensor | None = None) -> Callable[..., Tensor]:
         return vectorised_sgd(self.metasgd.module, self._rates(), support_x, support_y, context.loss_fn,
-                              self.steps(context), self.metasgd.first_order or not context.training)
+                              self.steps(context), self.metasgd.first_order or not context.training, support_mask)
 
     def _rates(self) -> dict[str, Tensor]:
         """Each parameter's learned rates α (learn2learn keeps one tensor per parameter, in parameter order)."""
