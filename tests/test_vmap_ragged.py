@@ -14,18 +14,20 @@ import torch.nn.functional as F
 from metalab.algorithms import ANIL, MAML, Context, MetaAlgorithm, MetaSGD
 from metalab.algorithms.functional import ExampleMask, batch_statistics_only
 from metalab.errors import ConfigError
+from metalab.job import train
 from metalab.models import CNN4, MLP
 from metalab.runner import TaskRunner, pads_ragged
 from metalab.runner import task_runner as task_runner_module
 from metalab.tasks.episodes import Episodes, Task
 from tests.test_architecture import OneStepSGD
 from tests.test_backends import image_tasks
+from tests.test_meta_dataset_sampling import META_DATASET_KANJI
 
 ALGORITHMS = {
-    "maml": lambda model: MAML(model, inner_lr=0.1, inner_steps=2),
-    "fomaml": lambda model: MAML(model, inner_lr=0.1, inner_steps=2, first_order=True),
-    "metasgd": lambda model: MetaSGD(model, inner_lr=0.1, inner_steps=2),
-    "anil": lambda model: ANIL(model, inner_lr=0.1, inner_steps=2),
+    "maml": lambda model, **zero_head: MAML(model, inner_lr=0.1, inner_steps=2, **zero_head),
+    "fomaml": lambda model, **zero_head: MAML(model, inner_lr=0.1, inner_steps=2, first_order=True, **zero_head),
+    "metasgd": lambda model, **zero_head: MetaSGD(model, inner_lr=0.1, inner_steps=2, **zero_head),
+    "anil": lambda model, **zero_head: ANIL(model, inner_lr=0.1, inner_steps=2, **zero_head),
 }
 
 
@@ -40,11 +42,12 @@ def ragged_regression(generator: torch.Generator) -> Episodes:
     return Episodes.of(tasks)
 
 
-def ragged_images(generator: torch.Generator, ways: int = 3) -> Episodes:
-    """3-way image tasks of 1, 3 and 2 shots and 2, 1 and 3 queries per class (16×16, one channel)."""
+def ragged_images(generator: torch.Generator, ways: tuple[int, ...] = (3, 3, 3)) -> Episodes:
+    """Image tasks (16×16, one channel) of ``ways`` ways, 1, 3 and 2 shots and 2, 1 and 3 queries per class."""
     tasks = []
-    for shots, queries in [(1, 2), (3, 1), (2, 3)]:
-        support_y, query_y = torch.arange(ways).repeat_interleave(shots), torch.arange(ways).repeat_interleave(queries)
+    for count, (shots, queries) in zip(ways, [(1, 2), (3, 1), (2, 3)], strict=True):
+        support_y = torch.arange(count).repeat_interleave(shots)
+        query_y = torch.arange(count).repeat_interleave(queries)
         tasks.append(Task(torch.randn(len(support_y), 1, 16, 16, generator=generator, dtype=torch.double), support_y,
                           torch.randn(len(query_y), 1, 16, 16, generator=generator, dtype=torch.double), query_y))
     return Episodes.of(tasks)
@@ -78,6 +81,49 @@ def test_vmap_ragged_matches_loop(name: str, network: str) -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
     assert len(vmapped[2]) == len(loop[2]) and any(g.abs().sum() > 0 for g in loop[2])
     for got, expected in zip(vmapped[2], loop[2], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("ways", [(4, 2, 5), (3, 3, 3)], ids=["ragged_ways", "stacked"])
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_vmap_zero_head_matches_loop(name: str, ways: tuple[int, ...]) -> None:
+    """A zero head per episode under vmap: one of the meta-batch's largest ways for every task, the classes a task
+    lacks masked out of its softmax; with batch norm, and (first case) ragged ways, shots and queries."""
+    torch.manual_seed(0)
+    model, loss_fn = CNN4(5, 1, image_size=16, hidden_size=8).double(), F.cross_entropy  # its own head: 5 ways
+    tasks = ragged_images(torch.Generator().manual_seed(0), ways)
+    if ways == (3, 3, 3):
+        tasks = image_tasks(count=3)
+    assert tasks.stacked == (ways == (3, 3, 3))
+    loop = meta_step(ALGORITHMS[name](copy.deepcopy(model), zero_head=True), tasks, loss_fn, "loop")
+    vmapped = meta_step(ALGORITHMS[name](copy.deepcopy(model), zero_head=True), tasks, loss_fn, "vmap")
+    torch.testing.assert_close(vmapped[1], loop[1], rtol=1e-5, atol=1e-10)
+    for got, expected in zip(vmapped[0], loop[0], strict=True):  # each task's queries and ways
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
+    assert len(vmapped[2]) == len(loop[2]) and any(g.abs().sum() > 0 for g in loop[2])
+    for got, expected in zip(vmapped[2], loop[2], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
+    evaluation = Context(loss_fn, training=False)
+    vmapped = TaskRunner("vmap").predictions(ALGORITHMS[name](copy.deepcopy(model), zero_head=True), tasks, evaluation)
+    loop = TaskRunner("loop").predictions(ALGORITHMS[name](copy.deepcopy(model), zero_head=True), tasks, evaluation)
+    for got, expected in zip(vmapped, loop, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
+
+
+def test_a_stacked_meta_batch_of_several_ways_gets_each_tasks_own_predictions() -> None:
+    """Tasks of one shape but not one number of ways stack; a zero head's vmap gives each its own ways' outputs."""
+    generator = torch.Generator().manual_seed(5)
+    labels = [torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([0, 1, 0, 1, 0, 1])]  # 4 ways and 2, 6 shots each
+    tasks = Episodes.of([Task(torch.randn(6, 1, 16, 16, generator=generator, dtype=torch.double), y,
+                              torch.randn(6, 1, 16, 16, generator=generator, dtype=torch.double), y) for y in labels])
+    assert tasks.stacked
+    torch.manual_seed(0)
+    model = CNN4(5, 1, image_size=16, hidden_size=8).double()
+    loop = meta_step(MAML(copy.deepcopy(model), inner_lr=0.1, zero_head=True), tasks, F.cross_entropy, "loop")
+    vmapped = meta_step(MAML(copy.deepcopy(model), inner_lr=0.1, zero_head=True), tasks, F.cross_entropy, "vmap")
+    assert [p.shape for p in vmapped[0]] == [(6, 4), (6, 2)]
+    torch.testing.assert_close(vmapped[1], loop[1], rtol=1e-5, atol=1e-10)
+    for got, expected in zip([*vmapped[0], *vmapped[2]], [*loop[0], *loop[2]], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-10)
 
 
@@ -150,3 +196,12 @@ def test_an_algorithm_whose_vectorised_adapt_takes_no_mask_keeps_ragged_batches_
     auto = TaskRunner("auto")
     auto.meta_loss(algorithm, tasks, Context(F.mse_loss, training=True))
     assert "vmap" not in auto.probe
+
+
+@pytest.mark.slow  # ~30 s, most of it rendering kanji
+def test_a_meta_dataset_run_trains_and_evaluates_under_vmap(job, kanji_cache) -> None:
+    """fo-MAML with a zero head on kanji's Meta-Dataset episodes (5-10 ways, ragged shots), vmap throughout: the
+    learner's whole path (training steps, running statistics, validation and test metrics) on padded batches."""
+    metrics = train(job(*META_DATASET_KANJI, f"task.cache_dir={kanji_cache}", "algorithm=fomaml",
+                        "algorithm.zero_head=true", "runner.backend=vmap", "trainer.max_steps=4", "task.test_tasks=10"))
+    assert 0 < metrics["meta_test/post_acc"] <= 1 and metrics["meta_test/post_loss"] > 0, metrics

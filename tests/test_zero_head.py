@@ -50,7 +50,7 @@ def build(name: str, inner_lr: float = 0.5, inner_steps: int = 3, **settings) ->
 @pytest.mark.parametrize("name", NAMES)
 def test_each_episode_gets_a_zero_head_of_its_own_ways(name: str) -> None:
     algorithm = build(name)
-    assert not algorithm.one_output_per_way and not vectorises(algorithm)
+    assert not algorithm.one_output_per_way and vectorises(algorithm) == (name != "maml_pp")  # MAML++: never vmap
     generator, context = torch.Generator().manual_seed(0), Context(F.cross_entropy, training=False)
     for ways in (2, 7, 12):  # the model's own head has 5 outputs
         task = episode(ways, 3, 2, generator)
@@ -126,7 +126,7 @@ def test_one_inner_step_from_zero_is_the_hand_computed_head(name: str, training:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_ragged_meta_batch_trains_through_the_runner(name: str) -> None:
-    """Tasks of 2, 4 and 7 ways in one meta-batch under ``auto`` (loop, or threads): the meta-loss falls."""
+    """Tasks of 2, 4 and 7 ways in one meta-batch under ``auto`` (loop, threads or vmap): the meta-loss falls."""
     algorithm = build(name, inner_lr=2.0, inner_steps=2)
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=0.03)
     generator, runner = torch.Generator().manual_seed(3), TaskRunner("auto")
@@ -139,7 +139,6 @@ def test_a_ragged_meta_batch_trains_through_the_runner(name: str) -> None:
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert "vmap" not in runner.probe and runner.chosen in ("loop", "threads")
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses  # 0.64 (metasgd, maml_pp) to 0.71 (maml, anil) seen
 
 
@@ -150,11 +149,6 @@ def test_zero_head_is_refused_where_it_cannot_work(name: str) -> None:
     with pytest.raises(ConfigError, match=r"^algorithm.zero_head=true needs a model whose head is one linear layer "
                                           r"\(model.head\), and Module has none"):
         ZERO_HEAD[name](headless)
-    algorithm_class = type(build(name))
-    with pytest.raises(ConfigError, match=rf"^runner.backend=vmap: {algorithm_class.__name__} declares no "
-                                          r"vectorised_adapt \(or its settings, e.g. algorithm.zero_head=true, "
-                                          r"rule it out\)"):
-        TaskRunner("vmap").check(build(name))
     if name == "maml_pp":  # its checkpointed inner loop steps whatever weights it is given, the zero head too
         return
     with pytest.raises(ConfigError, match=r"^algorithm.zero_head=true and algorithm.inner_checkpointing=true"):

@@ -63,5 +63,6 @@ class ANIL(GradientBasedAlgorithm):
     def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context,
                          support_mask: Tensor | None = None) -> Callable[..., Tensor]:
         rates = {name: self.head.lr for name, _ in self.network.named_parameters() if name.startswith("head.")}
+        start, classes = self._vectorised_zero_head(self.network.head, support_y)
         return vectorised_sgd(self.network, rates, support_x, support_y, context.loss_fn, self.steps(context),
-                              self.head.first_order or not context.training, support_mask)
+                              self.head.first_order or not context.training, support_mask, start, classes)

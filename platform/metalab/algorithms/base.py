@@ -187,9 +187,9 @@ class GradientBasedAlgorithm(MetaAlgorithm):
         """Set ``zero_head`` (Triantafillou et al. 2020's fo-MAML on Meta-Dataset): every episode's linear head
         starts at zero with one row per way of the episode (:func:`episode_zero_head`), so the head is not
         meta-learned, the features are, and episodes of any number of ways work. The head then has no fixed
-        number of outputs (``one_output_per_way`` false), and the vectorised inner loop, which adapts the model's
-        own head, is ruled out. Call after :meth:`_checkpointing`; ``checkpointing_allowed``: the algorithm's
-        checkpointed inner loop takes the zero head too."""
+        number of outputs (``one_output_per_way`` false); a vectorised inner loop starts from
+        :meth:`_vectorised_zero_head`'s. Call after :meth:`_checkpointing`; ``checkpointing_allowed``: the
+        algorithm's checkpointed inner loop takes the zero head too."""
         if zero_head and not isinstance(getattr(model, "head", None), nn.Linear):
             raise ConfigError(f"algorithm.zero_head=true needs a model whose head is one linear layer (model.head), "
                               f"and {type(model).__name__} has none: use model=cnn4 or resnet12")
@@ -198,7 +198,20 @@ class GradientBasedAlgorithm(MetaAlgorithm):
                               "set either false")
         self.zero_head = zero_head
         self.one_output_per_way = not zero_head  # a zero head takes each episode's ways
-        self.vectorised = not zero_head  # vectorised_sgd adapts the model's own head
+
+    def _vectorised_zero_head(self, head: nn.Linear, support_y: Tensor) -> tuple[dict[str, Tensor] | None,
+                                                                                  Tensor | None]:
+        """With ``zero_head``, for :func:`~metalab.algorithms.functional.vectorised_sgd` over a meta-batch whose
+        support labels are ``support_y`` (T, S) (padded ones repeat real ones): its ``start``, one zero head of
+        the meta-batch's largest ways W for every task (``head.weight``, ``head.bias``), and its ``classes``, the
+        (T, W) classes each task has (``None`` when every task has all W). ``(None, None)`` without."""
+        if not self.zero_head:
+            return None, None
+        start = {f"head.{kind}": zeros for kind, zeros in episode_zero_head(head, support_y).items()}
+        ways, largest = support_y.flatten(1).amax(1) + 1, len(start["head.weight"])  # (T,), W
+        if bool((ways == largest).all()):
+            return start, None
+        return start, torch.arange(largest, device=support_y.device) < ways.unsqueeze(1)
 
     def unadapted(self, task: Task, context: Context) -> Predictor | None:
         """With ``zero_head`` nothing predicts before adaptation (the head is zero): no ``pre_*`` metrics."""

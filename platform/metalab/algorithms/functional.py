@@ -84,8 +84,8 @@ def batch_statistics_only(network: nn.Module, examples: ExampleMask | None = Non
 
 
 def vectorised_sgd(network: nn.Module, rates: dict[str, Tensor | float], support_x: Tensor, support_y: Tensor,
-                   loss_fn: LossFn, steps: int, first_order: bool,
-                   support_mask: Tensor | None = None) -> Callable[..., Tensor]:
+                   loss_fn: LossFn, steps: int, first_order: bool, support_mask: Tensor | None = None,
+                   start: dict[str, Tensor] | None = None, classes: Tensor | None = None) -> Callable[..., Tensor]:
     """Adapt every task of a stacked meta-batch by ``steps`` inner SGD steps at once; return the predictor
     of the stacked queries, (T, Q, *x) → (T, Q, *out).
 
@@ -96,48 +96,55 @@ def vectorised_sgd(network: nn.Module, rates: dict[str, Tensor | float], support
     examples, and the predictor its ``query_mask`` (T, Q): the support loss is then the masked mean, and batch
     norm's statistics are the real examples'. Without masks, nothing is masked (no extra work).
 
+    ``start``: where the inner loop starts for some of ``rates``' parameters instead of their values, the same
+    for every task (a zero head, :func:`~metalab.algorithms.base.episode_zero_head`, of the meta-batch's largest
+    ways W). ``classes`` (T, W) bool: the classes each task has; the outputs (logits) of the others are set to
+    the dtype's lowest value before every loss, so their softmax probability is exactly 0: they add nothing to a
+    cross-entropy, pass no gradient back (their head rows stay zero), and each task learns as with a head of its
+    own ways.
+
     The adaptation runs when the predictor is called, fused with the query forward in one ``vmap``: a
     second ``vmap`` over the adapted weights cost ~10% of a sinusoid meta-iteration.
     """
     parameters = dict(network.named_parameters())
     buffers = dict(network.named_buffers())
     fixed = {name: value for name, value in parameters.items() if name not in rates}
+    initial = {name: parameters[name] for name in rates} | (start or {})
     examples = ExampleMask()
 
-    def forward(weights: dict[str, Tensor], x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(weights: dict[str, Tensor], x: Tensor, mask: Tensor | None, present: Tensor | None) -> Tensor:
         examples.current = mask  # what batch norm reads during this forward
         try:
-            return functional_call(network, (weights | fixed, buffers), (x,))
+            outputs = functional_call(network, (weights | fixed, buffers), (x,))
         finally:
             examples.current = None
+        return outputs if present is None else outputs.masked_fill(~present, torch.finfo(outputs.dtype).min)
 
-    def support_loss(weights: dict[str, Tensor], sx: Tensor, sy: Tensor, sm: Tensor | None) -> Tensor:
-        prediction = forward(weights, sx, sm)
+    def support_loss(weights: dict[str, Tensor], sx: Tensor, sy: Tensor, sm: Tensor | None,
+                     present: Tensor | None) -> Tensor:
+        prediction = forward(weights, sx, sm, present)
         return loss_fn(prediction, sy) if sm is None else masked_mean(loss_fn, prediction, sy, sm)
 
-    def adapted_weights(sx: Tensor, sy: Tensor, sm: Tensor | None) -> dict[str, Tensor]:
-        fast = {name: parameters[name] for name in rates}
+    def adapted_weights(sx: Tensor, sy: Tensor, sm: Tensor | None, present: Tensor | None) -> dict[str, Tensor]:
+        fast = initial
         for _ in range(steps):
-            gradients = grad(support_loss)(fast, sx, sy, sm)
+            gradients = grad(support_loss)(fast, sx, sy, sm, present)
             if first_order:
                 gradients = {name: g.detach() for name, g in gradients.items()}
             fast = {name: fast[name] - rates[name] * gradients[name] for name in fast}
         return fast
 
-    def one_task(sx: Tensor, sy: Tensor, qx: Tensor) -> Tensor:
-        return forward(adapted_weights(sx, sy, None), qx)
-
-    def one_padded_task(sx: Tensor, sy: Tensor, sm: Tensor, qx: Tensor, qm: Tensor) -> Tensor:
-        return forward(adapted_weights(sx, sy, sm), qx, qm)
+    def one_task(sx: Tensor, sy: Tensor, qx: Tensor, sm: Tensor | None, qm: Tensor | None,
+                 present: Tensor | None) -> Tensor:
+        return forward(adapted_weights(sx, sy, sm, present), qx, qm, present)
 
     def predict(query_x: Tensor, query_mask: Tensor | None = None) -> Tensor:
+        if (support_mask is None) != (query_mask is None):
+            raise ValueError("a padded meta-batch needs both masks: support_mask and query_mask")
+        extras = (support_mask, query_mask, classes)  # None: not batched, passed as is
         with batch_statistics_only(network, examples):
-            if support_mask is None and query_mask is None:
-                return vmap(one_task, randomness="different")(support_x, support_y, query_x)
-            if support_mask is None or query_mask is None:
-                raise ValueError("a padded meta-batch needs both masks: support_mask and query_mask")
-            return vmap(one_padded_task, randomness="different")(support_x, support_y, support_mask, query_x,
-                                                                 query_mask)
+            return vmap(one_task, in_dims=(0, 0, 0, *(None if e is None else 0 for e in extras)),
+                        randomness="different")(support_x, support_y, query_x, *extras)
 
     return predict
 

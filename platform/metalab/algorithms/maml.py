@@ -35,7 +35,7 @@ class MAML(GradientBasedAlgorithm):
         zero_head: start every episode's linear head (``model.head``) at zero, shaped for the episode's ways,
             as Triantafillou et al. 2020 (Meta-Dataset) do for (fo-)MAML: the head is not meta-learned, the
             features are, and episodes of any number of ways work (``task.sampler=meta_dataset``). No
-            ``pre_*`` metrics (before adaptation the head is zero); ``runner.backend`` loop or threads.
+            ``pre_*`` metrics (before adaptation the head is zero); any ``runner.backend``.
 
     Example (what the runner does per task)::
 
@@ -68,8 +68,10 @@ class MAML(GradientBasedAlgorithm):
 
     def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context,
                          support_mask: Tensor | None = None) -> Callable[..., Tensor]:
+        start, classes = self._vectorised_zero_head(self.maml.module.head, support_y)
         return vectorised_sgd(self.maml.module, self._rates(), support_x, support_y, context.loss_fn,
-                              self.steps(context), self.maml.first_order or not context.training, support_mask)
+                              self.steps(context), self.maml.first_order or not context.training, support_mask,
+                              start, classes)
 
     def _rates(self) -> dict[str, float]:
         """The inner step size of each adapted parameter (learn2learn leaves ``requires_grad=False`` ones alone)."""

@@ -64,8 +64,10 @@ class MetaSGD(GradientBasedAlgorithm):
 
     def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context,
                          support_mask: Tensor | None = None) -> Callable[..., Tensor]:
+        start, classes = self._vectorised_zero_head(self.metasgd.module.head, support_y)  # head rates broadcast
         return vectorised_sgd(self.metasgd.module, self._rates(), support_x, support_y, context.loss_fn,
-                              self.steps(context), self.metasgd.first_order or not context.training, support_mask)
+                              self.steps(context), self.metasgd.first_order or not context.training, support_mask,
+                              start, classes)
 
     def _rates(self) -> dict[str, Tensor]:
         """Each parameter's learned rates α (learn2learn keeps one tensor per parameter, in parameter order)."""

@@ -7,9 +7,11 @@ a real example produces too, so none is NaN or infinite, and weighing it zero (0
 vectorised inner loop weighs them zero in the losses and in batch norm's statistics
 (:func:`~metalab.algorithms.functional.vectorised_sgd`), which makes each task's result its unpadded one.
 
-Only the examples are padded: every task must have the same shape of input and of target per example, and,
-for an algorithm with a head of one output per way, the same ways (``checks.py`` refuses such algorithms on
-Meta-Dataset's episodes; a zero head per episode does not vectorise).
+Only the examples are padded here: every task must have the same shape of input and of target per example.
+Ways are not padded by the data: an algorithm with a head of one output per way sees one number of ways
+(``checks.py`` refuses it on Meta-Dataset's episodes), and a zero head per episode (``algorithm.zero_head``) is one
+of the meta-batch's largest ways for every task, the classes a task lacks masked out of its softmax
+(:meth:`~metalab.algorithms.GradientBasedAlgorithm._vectorised_zero_head`).
 """
 
 from __future__ import annotations

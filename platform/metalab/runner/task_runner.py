@@ -57,9 +57,8 @@ Predictions = Tensor | list[Tensor]  # stacked (T, Q, *out) when every task has 
 
 
 def vectorises(algorithm: MetaAlgorithm) -> bool:
-    """Whether ``algorithm`` declares ``vectorised_adapt`` (opt-in to ``backend=vmap``), and its settings allow it
-    (``vectorised = False``: e.g. MAML with ``zero_head``)."""
-    return callable(getattr(algorithm, "vectorised_adapt", None)) and getattr(algorithm, "vectorised", True)
+    """Whether ``algorithm`` declares ``vectorised_adapt`` (opt-in to ``backend=vmap``)."""
+    return callable(getattr(algorithm, "vectorised_adapt", None))
 
 
 def pads_ragged(algorithm: MetaAlgorithm) -> bool:
@@ -104,9 +103,8 @@ class TaskRunner:
                               "model's parameters in place, so tasks cannot run on threads at once: use "
                               "runner.backend=loop or auto")
         if self.backend == "vmap" and not vectorises(algorithm):
-            raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt (or its "
-                              "settings, e.g. algorithm.zero_head=true, rule it out), so it cannot run vectorised: "
-                              "use runner.backend=loop, threads or auto")
+            raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt, so it "
+                              "cannot run vectorised: use runner.backend=loop, threads or auto")
         if self.backend == "vmap" and _checkpoints_inner_loop(algorithm):
             raise ConfigError(f"runner.backend=vmap cannot run with algorithm.inner_checkpointing=true ({NO_VMAP}): "
                               "use runner.backend=loop, threads or auto, or set algorithm.inner_checkpointing=false")
@@ -171,11 +169,13 @@ class TaskRunner:
         backend = self.chosen or "loop"
         if backend == "vmap" and episodes.stacked:
             with torch.no_grad():
-                return algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
+                predictions = algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(
+                    episodes.query_x)
+            return _own(predictions, algorithm, episodes)
         if backend == "vmap" and pads_ragged(algorithm):
             padded = pad(episodes)
             with torch.no_grad():
-                return _unpadded(_padded_predictions(algorithm, padded, context), padded)
+                return _own(_padded_predictions(algorithm, padded, context), algorithm, episodes, padded.query_sizes)
 
         def predict(index: int) -> Tensor:
             task = episodes[index]
@@ -210,8 +210,10 @@ class TaskRunner:
                    context: Context) -> tuple[Predictions, Tensor]:
         if backend == "vmap" and episodes.stacked:
             predictions = algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
-            # every task has Q queries: the mean over all T·Q queries is the mean of the tasks' mean losses
-            return predictions.detach(), context.loss_fn(predictions.flatten(0, 1), episodes.query_y.flatten(0, 1))
+            # every task has Q queries: the mean over all T·Q queries is the mean of the tasks' mean losses (a zero
+            # head's missing classes, at the lowest logit, add exactly nothing to a task's cross-entropy)
+            loss = context.loss_fn(predictions.flatten(0, 1), episodes.query_y.flatten(0, 1))
+            return _own(predictions.detach(), algorithm, episodes), loss
         if backend == "vmap":
             if not pads_ragged(algorithm):
                 raise ConfigError(f"runner.backend=vmap: this task family draws tasks of varying sizes, and "
@@ -221,7 +223,7 @@ class TaskRunner:
             predictions = _padded_predictions(algorithm, padded, context)  # (T, Q_max, *out)
             losses = vmap(lambda p, y, m: masked_mean(context.loss_fn, p, y, m))(
                 predictions, padded.query_y, padded.query_mask)  # (T,): each task's mean over its real queries
-            return _unpadded(predictions.detach(), padded), losses.mean()
+            return _own(predictions.detach(), algorithm, episodes, padded.query_sizes), losses.mean()
         parameters = algorithm.meta_parameters()
         outcomes = map_tasks(lambda index: algorithm.task_meta_gradient(episodes[index], context), len(episodes),
                              threaded=backend == "threads")
@@ -277,9 +279,22 @@ def _padded_predictions(algorithm: MetaAlgorithm, padded: Padded, context: Conte
     return predict(padded.query_x, query_mask=padded.query_mask)
 
 
-def _unpadded(predictions: Tensor, padded: Padded) -> Predictions:
-    """Each task's predictions of its real queries (the padding repeats them after the real ones)."""
-    return _stacked([task[:size] for task, size in zip(predictions, padded.query_sizes, strict=True)])
+def _own(predictions: Tensor, algorithm: MetaAlgorithm, episodes: Episodes,
+         query_sizes: list[int] | None = None) -> Predictions:
+    """Each task's own part of vectorised predictions (T, Q, *out), as the loop gives them: its real queries
+    (``query_sizes``: the padding follows them), and, from an algorithm whose head is built per episode (no
+    ``one_output_per_way``: a zero head, of the meta-batch's largest ways), its own ways' outputs. Unchanged
+    where there is nothing to cut (a stacked meta-batch of one number of ways)."""
+    ways = None
+    if not algorithm.one_output_per_way:
+        labels = episodes.support_y
+        ways = (labels.flatten(1).amax(1) + 1 if episodes.stacked else torch.stack([y.max() + 1 for y in labels]))
+        ways = None if bool((ways == predictions.shape[-1]).all()) else ways.tolist()
+    if query_sizes is None and ways is None:
+        return predictions
+    sizes = query_sizes or [predictions.shape[1]] * len(predictions)
+    return _stacked([task[:size] if ways is None else task[:size, :ways[index]]
+                     for index, (task, size) in enumerate(zip(predictions, sizes, strict=True))])
 
 
 def _checkpoints_inner_loop(algorithm: MetaAlgorithm) -> bool:
