@@ -165,7 +165,7 @@ def test_maml_pp_zero_head_checkpointed_gives_the_same_meta_gradient() -> None:
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.slow  # on 2 busy cores: ~45 s each, maml_pp ~120 s
+@pytest.mark.slow  # ~30 s each on 2 quiet cores (70-170 s seen while they were shared)
 @pytest.mark.parametrize(("algorithm", "overrides", "least"), [
     ("metasgd", ["algorithm.inner_lr=0.4", "algorithm.inner_steps=3", "algorithm.first_order=true"], 0.35),
     ("anil", ["algorithm.inner_lr=0.4", "algorithm.inner_steps=3", "algorithm.first_order=true"], 0.35),
