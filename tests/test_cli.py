@@ -100,8 +100,7 @@ BAD_INPUTS = [
     (["hardware=ddp_cpu", "task.meta_batch_size=1"],
      "task.meta_batch_size=1 gives some of the 2 processes of this run no task: make it at least 2"),
     (["runner.backend=vmap", "algorithm=reptile"],
-     "runner.backend=vmap: Reptile declares no vectorised_adapt (or its settings, e.g. algorithm.zero_head=true, "
-     "rule it out), so it cannot run vectorised"),
+     "runner.backend=vmap: Reptile declares no vectorised_adapt, so it cannot run vectorised"),
     (["runner.backend=loops"], "runner.backend must be loop, threads, vmap or auto, got 'loops'"),
     (["algorithm=reptile", "algorithm.inner_optimizer=rmsprop"], "algorithm.inner_optimizer must be sgd or adam"),
     (["optimizer.lr=fast"], "bad value for 'optimizer.lr'"),

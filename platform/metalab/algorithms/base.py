@@ -11,11 +11,13 @@ learn2learn's spirit:
 
 Opt-in, for the ``vmap`` backend: ``vectorised_adapt(support_x, support_y, context)`` adapts a whole
 stacked meta-batch at once and returns a predictor of its stacked queries (T, Q, *x) → (T, Q, *out). An
-algorithm without it never runs under ``vmap``. An algorithm that owns its whole outer step (e.g. TRPO
-for meta-RL) sets ``owns_outer_step = True`` and implements :meth:`~MetaAlgorithm.outer_step`. Evaluation's
-``pre_*`` metrics come from :meth:`~MetaAlgorithm.unadapted` (default: ``model``; ``None``: none logged).
-An algorithm whose tasks depend on one another (state carried from task to task) sets
-``sequential_tasks``: the runner then executes its tasks with the loop only.
+algorithm without it never runs under ``vmap``. One that also takes ``support_mask`` (T, S) and returns a
+predictor taking ``query_mask`` (T, Q) vectorises ragged meta-batches, padded (:mod:`metalab.runner.padding`;
+:func:`~metalab.algorithms.functional.vectorised_sgd` does the masking). An algorithm that owns its whole
+outer step (e.g. TRPO for meta-RL) sets ``owns_outer_step = True`` and implements
+:meth:`~MetaAlgorithm.outer_step`. Evaluation's ``pre_*`` metrics come from :meth:`~MetaAlgorithm.unadapted`
+(default: ``model``; ``None``: none logged). An algorithm whose tasks depend on one another (state carried from
+task to task) sets ``sequential_tasks``: the runner then executes its tasks with the loop only.
 
 Batch norm: adaptation and evaluation never write running statistics (the learner switches their tracking
 off around them, so every backend leaves the same checkpoint); once per meta-iteration the learner calls
@@ -155,6 +157,7 @@ class GradientBasedAlgorithm(MetaAlgorithm):
     """
 
     inner_checkpointing: bool = False
+    zero_head: bool = False  # each episode's head starts at zero, sized to its ways (set by :meth:`_zero_head`)
 
     def __init__(self, inner_lr: float, inner_steps: int, eval_inner_steps: int | None) -> None:
         super().__init__()
@@ -180,6 +183,40 @@ class GradientBasedAlgorithm(MetaAlgorithm):
                               "algorithm.first_order=true keeps no inner-loop graph to checkpoint: set either false")
         self.inner_checkpointing = inner_checkpointing
 
+    def _zero_head(self, model: nn.Module, zero_head: bool, checkpointing_allowed: bool = False) -> None:
+        """Set ``zero_head`` (Triantafillou et al. 2020's fo-MAML on Meta-Dataset): every episode's linear head
+        starts at zero with one row per way of the episode (:func:`episode_zero_head`), so the head is not
+        meta-learned, the features are, and episodes of any number of ways work. The head then has no fixed
+        number of outputs (``one_output_per_way`` false); a vectorised inner loop starts from
+        :meth:`_vectorised_zero_head`'s. Call after :meth:`_checkpointing`; ``checkpointing_allowed``: the
+        algorithm's checkpointed inner loop takes the zero head too."""
+        if zero_head and not isinstance(getattr(model, "head", None), nn.Linear):
+            raise ConfigError(f"algorithm.zero_head=true needs a model whose head is one linear layer (model.head), "
+                              f"and {type(model).__name__} has none: use model=cnn4 or resnet12")
+        if zero_head and self.inner_checkpointing and not checkpointing_allowed:
+            raise ConfigError("algorithm.zero_head=true and algorithm.inner_checkpointing=true cannot be combined: "
+                              "set either false")
+        self.zero_head = zero_head
+        self.one_output_per_way = not zero_head  # a zero head takes each episode's ways
+
+    def _vectorised_zero_head(self, head: nn.Linear, support_y: Tensor) -> tuple[dict[str, Tensor] | None,
+                                                                                  Tensor | None]:
+        """With ``zero_head``, for :func:`~metalab.algorithms.functional.vectorised_sgd` over a meta-batch whose
+        support labels are ``support_y`` (T, S) (padded ones repeat real ones): its ``start``, one zero head of
+        the meta-batch's largest ways W for every task (``head.weight``, ``head.bias``), and its ``classes``, the
+        (T, W) classes each task has (``None`` when every task has all W). ``(None, None)`` without."""
+        if not self.zero_head:
+            return None, None
+        start = {f"head.{kind}": zeros for kind, zeros in episode_zero_head(head, support_y).items()}
+        ways, largest = support_y.flatten(1).amax(1) + 1, len(start["head.weight"])  # (T,), W
+        if bool((ways == largest).all()):
+            return start, None
+        return start, torch.arange(largest, device=support_y.device) < ways.unsqueeze(1)
+
+    def unadapted(self, task: Task, context: Context) -> Predictor | None:
+        """With ``zero_head`` nothing predicts before adaptation (the head is zero): no ``pre_*`` metrics."""
+        return None if self.zero_head else super().unadapted(task, context)
+
     def _steps(self, learner: nn.Module, inputs: Any, targets: Tensor, context: Context) -> nn.Module:
         """Take the inner SGD steps on a learn2learn clone (``MAML``/``MetaSGD``), in place.
 
@@ -201,3 +238,18 @@ def concatenated(first: Any, second: Any) -> Any:
     if isinstance(first, dict):
         return {key: torch.cat([value, second[key]]) for key, value in first.items()}
     return torch.cat([first, second])
+
+
+def episode_zero_head(head: nn.Linear, labels: Tensor) -> dict[str, Tensor]:
+    """The zero head of an episode whose labels are ``labels`` (0 … N−1): ``weight`` (N, D) and ``bias`` (N,)
+    of zeros, in ``head``'s dtype and device, each a leaf of its own (so no meta-gradient reaches ``head``).
+
+    After one inner SGD step of size α on the mean cross-entropy of S support examples with features φ_i, the
+    head is W_k = α/S · Σ_i (1[y_i = k] − 1/N) φ_i, b_k = α/S · Σ_i (1[y_i = k] − 1/N): at zero every logit is
+    equal, so the step moves each row towards its class's features (a scaled prototype) and the features get no
+    gradient (∂L/∂φ = Wᵀ(p − y) = 0); they adapt from the second step on."""
+    ways, like = int(labels.max()) + 1, head.weight
+    zeros = {"weight": like.new_zeros(ways, like.shape[1]).requires_grad_()}
+    if head.bias is not None:
+        zeros["bias"] = like.new_zeros(ways).requires_grad_()
+    return zeros

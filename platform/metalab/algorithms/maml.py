@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING
 import learn2learn as l2l
 from torch import Tensor, nn
 
-from metalab.algorithms.base import Context, GradientBasedAlgorithm, Predictor
+from metalab.algorithms.base import Context, GradientBasedAlgorithm, Predictor, episode_zero_head
 from metalab.algorithms.functional import checkpointed_sgd, vectorised_sgd
-from metalab.errors import ConfigError
 
 if TYPE_CHECKING:
     from metalab.tasks.episodes import Task
@@ -36,7 +35,7 @@ class MAML(GradientBasedAlgorithm):
         zero_head: start every episode's linear head (``model.head``) at zero, shaped for the episode's ways,
             as Triantafillou et al. 2020 (Meta-Dataset) do for (fo-)MAML: the head is not meta-learned, the
             features are, and episodes of any number of ways work (``task.sampler=meta_dataset``). No
-            ``pre_*`` metrics (before adaptation the head is zero); ``runner.backend`` loop or threads.
+            ``pre_*`` metrics (before adaptation the head is zero); any ``runner.backend``.
 
     Example (what the runner does per task)::
 
@@ -49,15 +48,7 @@ class MAML(GradientBasedAlgorithm):
                  zero_head: bool = False) -> None:
         super().__init__(inner_lr, inner_steps, eval_inner_steps)
         self._checkpointing(inner_checkpointing, first_order)
-        if zero_head and not isinstance(getattr(model, "head", None), nn.Linear):
-            raise ConfigError(f"algorithm.zero_head=true needs a model whose head is one linear layer (model.head), "
-                              f"and {type(model).__name__} has none: use model=cnn4 or resnet12")
-        if zero_head and inner_checkpointing:
-            raise ConfigError("algorithm.zero_head=true and algorithm.inner_checkpointing=true cannot be combined: "
-                              "set either false")
-        self.zero_head = zero_head
-        self.one_output_per_way = not zero_head  # a zero head takes each episode's ways
-        self.vectorised = not zero_head  # vectorised_sgd adapts the model's own head
+        self._zero_head(model, zero_head)
         self.maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=first_order,
                                         allow_unused=allow_unused, allow_nograd=allow_nograd)
 
@@ -68,23 +59,19 @@ class MAML(GradientBasedAlgorithm):
     def adapt(self, task: Task, context: Context) -> Predictor:
         if self.zero_head:
             learner = self.maml.clone()
-            head, ways = learner.module.head, int(task.support_y.max()) + 1
-            like = head.weight  # the episode's head: zeros, a leaf of its own (no meta-gradient reaches model.head)
-            head._parameters["weight"] = like.new_zeros(ways, like.shape[1]).requires_grad_()
-            head._parameters["bias"] = like.new_zeros(ways).requires_grad_()
+            learner.module.head._parameters.update(episode_zero_head(learner.module.head, task.support_y))
             return self._steps(learner, task.support_x, task.support_y, context)
         if self.inner_checkpointing and context.training:
             return checkpointed_sgd(self.maml.module, self._rates(), task.support_x, task.support_y, context.loss_fn,
                                     self.steps(context), allow_unused=self.maml.allow_unused)
         return self._steps(self.maml.clone(), task.support_x, task.support_y, context)
 
-    def unadapted(self, task: Task, context: Context) -> Predictor | None:
-        """With ``zero_head`` nothing predicts before adaptation (the head is zero): no ``pre_*`` metrics."""
-        return None if self.zero_head else self.model
-
-    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context) -> Callable[[Tensor], Tensor]:
+    def vectorised_adapt(self, support_x: Tensor, support_y: Tensor, context: Context,
+                         support_mask: Tensor | None = None) -> Callable[..., Tensor]:
+        start, classes = self._vectorised_zero_head(self.maml.module.head, support_y)
         return vectorised_sgd(self.maml.module, self._rates(), support_x, support_y, context.loss_fn,
-                              self.steps(context), self.maml.first_order or not context.training)
+                              self.steps(context), self.maml.first_order or not context.training, support_mask,
+                              start, classes)
 
     def _rates(self) -> dict[str, float]:
         """The inner step size of each adapted parameter (learn2learn leaves ``requires_grad=False`` ones alone)."""

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
-from metalab.algorithms.base import Context, FitReport, GradientBasedAlgorithm, Predictor
+from metalab.algorithms.base import Context, FitReport, GradientBasedAlgorithm, Predictor, episode_zero_head
 from metalab.algorithms.functional import task_local_modules
 from metalab.errors import ConfigError
 
@@ -97,6 +97,10 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
         steps_per_epoch: meta-iterations per epoch of the schedules (the paper: 500).
         inner_checkpointing: on second-order meta-iterations, recompute each inner step's activations in the
             outer backward (memory of one step, not ``inner_steps``; not under ``runner.backend=vmap``).
+        zero_head: each episode's linear head (``model.head``) starts at zero, sized to its ways, as
+            :class:`~metalab.algorithms.MAML`'s: any number of ways (``task.sampler=meta_dataset``), the model's
+            own head unused. The head's per-step rates (LSLR: one scalar per tensor per step) step the zero head,
+            so they stay meta-learned; no ``pre_*`` metrics.
 
     At the end of meta-training, with LSLR, the learned rates are summarised (``maml_pp/lr_mean``, ``_std``,
     ``_min``, ``_max``, ``_negative_fraction``; ``maml_pp/lr_mean_step<k>``, k = 1…inner_steps) and drawn per
@@ -111,9 +115,11 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
     def __init__(self, model: nn.Module, inner_lr: float = 0.1, inner_steps: int = 5,
                  eval_inner_steps: int | None = None, per_step_lr: bool = True, per_step_bn_weights: bool = True,
                  per_step_bn_statistics: bool = True, multi_step_loss: bool = True, multi_step_loss_epochs: int = 15,
-                 first_order_epochs: int = 50, steps_per_epoch: int = 500, inner_checkpointing: bool = False) -> None:
+                 first_order_epochs: int = 50, steps_per_epoch: int = 500, inner_checkpointing: bool = False,
+                 zero_head: bool = False) -> None:
         super().__init__(inner_lr, inner_steps, eval_inner_steps)
         self._checkpointing(inner_checkpointing, first_order=False)  # DA's first-order epochs just skip it
+        self._zero_head(model, zero_head, checkpointing_allowed=True)  # the checkpointed steps take any weights
         if multi_step_loss and multi_step_loss_epochs < 1:
             raise ConfigError(f"algorithm.multi_step_loss_epochs must be >= 1 with multi_step_loss=true, got "
                               f"{multi_step_loss_epochs}; to switch MSL off set algorithm.multi_step_loss=false")
@@ -213,6 +219,8 @@ class MAMLPlusPlus(GradientBasedAlgorithm):
             fast = {name: parameters[name] for name in self.adapted_names}
         else:  # no graph back to the meta-parameters
             fast = {name: parameters[name].detach().requires_grad_() for name in self.adapted_names}
+        if self.zero_head:  # the episode's zero head in the model's head's place (same keys, so same order)
+            fast |= {f"head.{kind}": zeros for kind, zeros in episode_zero_head(self.network.head, support_y).items()}
         create_graph = training and not self.first_order(context.step)
         checkpointed = checkpointed and create_graph and self.inner_checkpointing
 

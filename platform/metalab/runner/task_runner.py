@@ -7,9 +7,13 @@ the mean of the tasks' meta-gradients.
 - ``loop``: one task after another; each task's meta-gradient is taken as soon as the task is adapted, so
   only one task's graph is alive at a time (as in learn2learn's plain loop, one ``backward()`` per task).
 - ``threads``: the loop's per-task work on CPU worker threads, one intra-op thread each (:mod:`.threads`).
-- ``vmap``: the whole (stacked) meta-batch at once through the algorithm's ``vectorised_adapt``; only for
-  algorithms that declare it, and not with ``algorithm.inner_checkpointing=true`` (``torch.func`` transforms
-  do not support the saved-tensor hooks that checkpointing is built on).
+- ``vmap``: the whole meta-batch at once through the algorithm's ``vectorised_adapt``; only for algorithms
+  that declare it, and not with ``algorithm.inner_checkpointing=true`` (``torch.func`` transforms do not
+  support the saved-tensor hooks that checkpointing is built on). A ragged meta-batch (tasks of their own
+  support and query sizes) runs padded to its largest sets with masks (:mod:`.padding`): padded examples weigh
+  zero in every loss and in batch norm's statistics, so each task's loss and meta-gradient are its unpadded
+  ones; this needs a ``vectorised_adapt`` that takes ``support_mask`` (:func:`pads_ragged`). A stacked meta-batch
+  is not padded.
 - ``auto``: times each candidate on the first meta-iterations, which are real training steps (so the probe
   costs only what a slower candidate loses, not extra meta-batches): a warm-up step with each candidate, one
   timed step each (forward and backward), and one more for the candidates within ``PROBE_CLOSE`` of the fastest
@@ -23,12 +27,14 @@ carried inner Adam) runs with the loop only: its result depends on task order, w
 do not keep. ``threads`` and ``vmap`` are refused for it, and ``auto`` takes the loop without timing (timing
 would run extra tasks through that state).
 
-Evaluation (:meth:`TaskRunner.predictions`) adapts with the same backend, first order and with no graph back to
-the meta-parameters; the unadapted predictions of a stacked meta-batch are one ``vmap`` over its tasks.
+Evaluation (:meth:`TaskRunner.predictions`) adapts with the same backend (padded too), first order and with no
+graph back to the meta-parameters; the unadapted predictions of a stacked meta-batch are one ``vmap`` over its
+tasks.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,8 +44,9 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from metalab.algorithms.base import Context, MetaAlgorithm
-from metalab.algorithms.functional import batch_statistics_only
+from metalab.algorithms.functional import batch_statistics_only, masked_mean
 from metalab.errors import ConfigError, one_line
+from metalab.runner.padding import Padded, pad
 from metalab.runner.threads import map_tasks, with_gradient
 from metalab.tasks.episodes import Episodes
 
@@ -50,9 +57,14 @@ Predictions = Tensor | list[Tensor]  # stacked (T, Q, *out) when every task has 
 
 
 def vectorises(algorithm: MetaAlgorithm) -> bool:
-    """Whether ``algorithm`` declares ``vectorised_adapt`` (opt-in to ``backend=vmap``), and its settings allow it
-    (``vectorised = False``: e.g. MAML with ``zero_head``)."""
-    return callable(getattr(algorithm, "vectorised_adapt", None)) and getattr(algorithm, "vectorised", True)
+    """Whether ``algorithm`` declares ``vectorised_adapt`` (opt-in to ``backend=vmap``)."""
+    return callable(getattr(algorithm, "vectorised_adapt", None))
+
+
+def pads_ragged(algorithm: MetaAlgorithm) -> bool:
+    """Whether ``algorithm`` vectorises ragged meta-batches too: its ``vectorised_adapt`` takes ``support_mask``
+    (padded examples weigh zero) and returns a predictor that takes ``query_mask``."""
+    return vectorises(algorithm) and "support_mask" in inspect.signature(algorithm.vectorised_adapt).parameters
 
 
 class TaskRunner:
@@ -91,9 +103,8 @@ class TaskRunner:
                               "model's parameters in place, so tasks cannot run on threads at once: use "
                               "runner.backend=loop or auto")
         if self.backend == "vmap" and not vectorises(algorithm):
-            raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt (or its "
-                              "settings, e.g. algorithm.zero_head=true, rule it out), so it cannot run vectorised: "
-                              "use runner.backend=loop, threads or auto")
+            raise ConfigError(f"runner.backend=vmap: {type(algorithm).__name__} declares no vectorised_adapt, so it "
+                              "cannot run vectorised: use runner.backend=loop, threads or auto")
         if self.backend == "vmap" and _checkpoints_inner_loop(algorithm):
             raise ConfigError(f"runner.backend=vmap cannot run with algorithm.inner_checkpointing=true ({NO_VMAP}): "
                               "use runner.backend=loop, threads or auto, or set algorithm.inner_checkpointing=false")
@@ -158,7 +169,13 @@ class TaskRunner:
         backend = self.chosen or "loop"
         if backend == "vmap" and episodes.stacked:
             with torch.no_grad():
-                return algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
+                predictions = algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(
+                    episodes.query_x)
+            return _own(predictions, algorithm, episodes)
+        if backend == "vmap" and pads_ragged(algorithm):
+            padded = pad(episodes)
+            with torch.no_grad():
+                return _own(_padded_predictions(algorithm, padded, context), algorithm, episodes, padded.query_sizes)
 
         def predict(index: int) -> Tensor:
             task = episodes[index]
@@ -191,13 +208,22 @@ class TaskRunner:
 
     def _meta_loss(self, backend: str, algorithm: MetaAlgorithm, episodes: Episodes,
                    context: Context) -> tuple[Predictions, Tensor]:
-        if backend == "vmap":
-            if not episodes.stacked:
-                raise ConfigError("runner.backend=vmap needs the tasks of a meta-batch in one shape, and this task "
-                                  "family draws tasks of varying ways or shots: use runner.backend=loop or threads")
+        if backend == "vmap" and episodes.stacked:
             predictions = algorithm.vectorised_adapt(episodes.support_x, episodes.support_y, context)(episodes.query_x)
-            # every task has Q queries: the mean over all T·Q queries is the mean of the tasks' mean losses
-            return predictions.detach(), context.loss_fn(predictions.flatten(0, 1), episodes.query_y.flatten(0, 1))
+            # every task has Q queries: the mean over all T·Q queries is the mean of the tasks' mean losses (a zero
+            # head's missing classes, at the lowest logit, add exactly nothing to a task's cross-entropy)
+            loss = context.loss_fn(predictions.flatten(0, 1), episodes.query_y.flatten(0, 1))
+            return _own(predictions.detach(), algorithm, episodes), loss
+        if backend == "vmap":
+            if not pads_ragged(algorithm):
+                raise ConfigError(f"runner.backend=vmap: this task family draws tasks of varying sizes, and "
+                                  f"{type(algorithm).__name__}.vectorised_adapt takes no support_mask to pad them "
+                                  "with: use runner.backend=loop, threads or auto")
+            padded = pad(episodes)
+            predictions = _padded_predictions(algorithm, padded, context)  # (T, Q_max, *out)
+            losses = vmap(lambda p, y, m: masked_mean(context.loss_fn, p, y, m))(
+                predictions, padded.query_y, padded.query_mask)  # (T,): each task's mean over its real queries
+            return _own(predictions.detach(), algorithm, episodes, padded.query_sizes), losses.mean()
         parameters = algorithm.meta_parameters()
         outcomes = map_tasks(lambda index: algorithm.task_meta_gradient(episodes[index], context), len(episodes),
                              threaded=backend == "threads")
@@ -215,7 +241,7 @@ class TaskRunner:
         candidates = ["loop"]
         if _on_cpu(episodes) and torch.get_num_threads() > 1 and algorithm.thread_safe:
             candidates.append("threads")
-        if vectorises(algorithm) and episodes.stacked:
+        if vectorises(algorithm) and (episodes.stacked or pads_ragged(algorithm)):
             candidates.append("vmap")
         self.probe = dict.fromkeys(candidates, "not timed")
         if "vmap" in candidates and _checkpoints_inner_loop(algorithm):  # a failure: never timed, never chosen
@@ -245,6 +271,30 @@ class TaskRunner:
             return self._meta_loss("loop", algorithm, episodes, context)
         self._seconds.setdefault(backend, []).append(time.perf_counter() - start)
         return predictions, with_gradient(loss.detach(), parameters, gradient)
+
+
+def _padded_predictions(algorithm: MetaAlgorithm, padded: Padded, context: Context) -> Tensor:
+    """The padded meta-batch's query predictions (T, Q_max, *out), the padded examples weighing zero."""
+    predict = algorithm.vectorised_adapt(padded.support_x, padded.support_y, context, support_mask=padded.support_mask)
+    return predict(padded.query_x, query_mask=padded.query_mask)
+
+
+def _own(predictions: Tensor, algorithm: MetaAlgorithm, episodes: Episodes,
+         query_sizes: list[int] | None = None) -> Predictions:
+    """Each task's own part of vectorised predictions (T, Q, *out), as the loop gives them: its real queries
+    (``query_sizes``: the padding follows them), and, from an algorithm whose head is built per episode (no
+    ``one_output_per_way``: a zero head, of the meta-batch's largest ways), its own ways' outputs. Unchanged
+    where there is nothing to cut (a stacked meta-batch of one number of ways)."""
+    ways = None
+    if not algorithm.one_output_per_way:
+        labels = episodes.support_y
+        ways = (labels.flatten(1).amax(1) + 1 if episodes.stacked else torch.stack([y.max() + 1 for y in labels]))
+        ways = None if bool((ways == predictions.shape[-1]).all()) else ways.tolist()
+    if query_sizes is None and ways is None:
+        return predictions
+    sizes = query_sizes or [predictions.shape[1]] * len(predictions)
+    return _stacked([task[:size] if ways is None else task[:size, :ways[index]]
+                     for index, (task, size) in enumerate(zip(predictions, sizes, strict=True))])
 
 
 def _checkpoints_inner_loop(algorithm: MetaAlgorithm) -> bool:
