@@ -215,6 +215,7 @@ def test_algorithms_that_take_any_number_of_ways_learn_meta_dataset_episodes(
 
 def test_an_algorithm_with_a_fixed_head_is_refused_meta_dataset_episodes(job, kanji_cache) -> None:
     with pytest.raises(ConfigError, match=r"^task.sampler=meta_dataset draws episodes of varying ways, but "
-                                          r"algorithm=maml predicts with a head of one output per way: use an "
+                                          r"algorithm=maml predicts with a head of one output per way: set "
+                                          r"algorithm.zero_head=true \(a zero head per episode\), use an "
                                           r"algorithm that builds its head per episode"):
         train(job(*META_DATASET_KANJI, f"task.cache_dir={kanji_cache}", "algorithm=maml"))

@@ -58,10 +58,12 @@ def check_algorithm_fits(algorithm: MetaAlgorithm, task: TaskFamily) -> None:
         raise ConfigError(f"algorithm={choices.get('algorithm')} learns {' and '.join(algorithm.problems)} tasks "
                           f"only, and task={choices.get('task')} is {task.problem}: choose another algorithm or task")
     if algorithm.one_output_per_way and getattr(task, "sampler", "fixed") == "meta_dataset":
+        zero_head = "set algorithm.zero_head=true (a zero head per episode), " if hasattr(algorithm, "zero_head") \
+            else ""
         raise ConfigError(f"task.sampler=meta_dataset draws episodes of varying ways, but "
-                          f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: use "
-                          "an algorithm that builds its head per episode (algorithm=protonet or protomaml), or "
-                          "task.sampler=fixed")
+                          f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: "
+                          f"{zero_head}use an algorithm that builds its head per episode (algorithm=protonet or "
+                          "protomaml), or task.sampler=fixed")
     train_ways = getattr(task, "train_ways", None)
     if algorithm.one_output_per_way and train_ways is not None and train_ways != task.ways:
         raise ConfigError(f"task.train_ways={train_ways} differs from task.ways={task.ways}, but "
