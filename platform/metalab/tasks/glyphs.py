@@ -13,10 +13,7 @@ DejaVu fonts: Bitstream Vera licence, DejaVu changes public domain; STIX fonts: 
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import math
-import os
 import unicodedata
 from dataclasses import astuple, dataclass
 from importlib import metadata
@@ -29,8 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from metalab.errors import ConfigError
-from metalab.tasks.images import ImageClassFamily, LabelledImages
-from metalab.tasks.kanji import default_cache_dir, split_alphabets
+from metalab.tasks.kanji import split_alphabets
+from metalab.tasks.rendered import RenderedFamily, default_cache_dir
 
 if TYPE_CHECKING:  # matplotlib is imported when glyphs are rendered: ~0.4 s that other families' jobs need not wait
     from matplotlib.ft2font import FT2Font
@@ -307,7 +304,7 @@ def _look_alike(chunk: dict[int, dict[int, tuple[Image.Image, np.ndarray]]], see
     return like_seen, like_earlier
 
 
-class PrintedGlyphs(ImageClassFamily):
+class PrintedGlyphs(RenderedFamily):
     """Omniglot-like few-shot classification of printed characters of many scripts, offline.
 
     A class is a character, its alphabet its Unicode block (class names ``<block>/U+XXXX``, so
@@ -364,35 +361,17 @@ class PrintedGlyphs(ImageClassFamily):
         self.split_settings = (min_alphabet_size, max_alphabet_size, background_fraction, val_fraction, split_seed)
         self.variation, self.typefaces, self.min_typefaces = variation, typefaces, min_typefaces
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self._splits: dict[str, LabelledImages] | None = None
-        self._cache: Path | None = None  # the rendered images' file, once loaded
-
-    def load_split(self, split: str) -> LabelledImages:
-        if self._splits is None:
-            self._splits = self._load_or_render()
-        return self._splits[split]
 
     def data_description(self) -> dict[str, str]:
-        description = super().data_description()  # loads the splits: the cache file is known after
-        return description | {"source": str(self._cache), "matplotlib": metadata.version("matplotlib"),
-                              "typefaces": ",".join(self.typefaces)}
+        return super().data_description() | {"matplotlib": metadata.version("matplotlib"),
+                                             "typefaces": ",".join(self.typefaces)}
 
-    def _load_or_render(self) -> dict[str, LabelledImages]:
-        settings = {"render": RENDER_VERSION, "matplotlib": metadata.version("matplotlib"), "size": self.image_size,
-                    "drawers": self.drawers, "classes": self.num_classes, "split": self.split_settings,
-                    "variation": self.variation, "typefaces": self.typefaces, "min_typefaces": self.min_typefaces}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        cache = self.cache_dir / f"glyphs-{key}.npz"
-        if not cache.exists():
-            self._render_to(cache)
-        self._cache = cache
-        stored = np.load(cache)
-        return {split: LabelledImages(torch.from_numpy(stored[f"{split}_images"]),
-                                      torch.from_numpy(stored[f"{split}_labels"]),
-                                      [str(name) for name in stored[f"{split}_classes"]]) for split in
-                ("train", "val", "test")}
+    def render_settings(self) -> dict[str, Any]:
+        return {"render": RENDER_VERSION, "matplotlib": metadata.version("matplotlib"), "size": self.image_size,
+                "drawers": self.drawers, "classes": self.num_classes, "split": self.split_settings,
+                "variation": self.variation, "typefaces": self.typefaces, "min_typefaces": self.min_typefaces}
 
-    def _render_to(self, cache: Path) -> None:
+    def render(self, cache: Path) -> dict[str, np.ndarray]:
         from matplotlib.ft2font import FT2Font
 
         faces = []
@@ -440,7 +419,4 @@ class PrintedGlyphs(ImageClassFamily):
             arrays[f"{split}_labels"] = np.repeat(np.arange(len(members)), self.drawers)
             arrays[f"{split}_classes"] = np.array([glyph.name for glyph in members])
         progress.close()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(partial, **arrays)
-        partial.replace(cache)  # atomic: concurrent jobs never read a half-written cache
+        return arrays

@@ -12,9 +12,6 @@ KanjiVG © Ulrich Apel and contributors, CC BY-SA 3.0 (see NOTICE).
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from metalab.errors import ConfigError
-from metalab.tasks.images import ImageClassFamily, LabelledImages
+from metalab.tasks.rendered import RenderedFamily, default_cache_dir
 from metalab.tasks.strokes import DrawerStyle, Stroke, parse_path, render
 
 RENDER_VERSION = 2  # bump when rendering or the split changes, so stale caches are not reused (2: no short alphabet)
@@ -124,7 +120,7 @@ def split_alphabets(glyphs: list[Glyph], num_classes: int, min_alphabet_size: in
     return splits
 
 
-class KanjiHandwriting(ImageClassFamily):
+class KanjiHandwriting(RenderedFamily):
     """Omniglot-like few-shot classification rendered from KanjiVG, offline.
 
     The split is class-disjoint and alphabet-disjoint, alphabets being radical groups (and the two kana
@@ -165,34 +161,16 @@ class KanjiHandwriting(ImageClassFamily):
         self.split_settings = (min_alphabet_size, max_alphabet_size, background_fraction, val_fraction, split_seed)
         self.variation = variation
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self._splits: dict[str, LabelledImages] | None = None
-        self._cache: Path | None = None  # the rendered images' file, once loaded
-
-    def load_split(self, split: str) -> LabelledImages:
-        if self._splits is None:
-            self._splits = self._load_or_render()
-        return self._splits[split]
 
     def data_description(self) -> dict[str, str]:
-        description = super().data_description()  # loads the splits: the cache file is known after
-        return description | {"source": str(self._cache), "kanjivg": metadata.version("kanjivg")}
+        return super().data_description() | {"kanjivg": metadata.version("kanjivg")}
 
-    def _load_or_render(self) -> dict[str, LabelledImages]:
-        settings = {"render": RENDER_VERSION, "kanjivg": metadata.version("kanjivg"), "size": self.image_size,
-                    "drawers": self.drawers, "classes": self.num_classes, "split": self.split_settings,
-                    "variation": self.variation}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        cache = self.cache_dir / f"kanji-{key}.npz"
-        if not cache.exists():
-            self._render_to(cache)
-        self._cache = cache
-        stored = np.load(cache)
-        return {split: LabelledImages(torch.from_numpy(stored[f"{split}_images"]),
-                                      torch.from_numpy(stored[f"{split}_labels"]),
-                                      [str(name) for name in stored[f"{split}_classes"]]) for split in
-                ("train", "val", "test")}
+    def render_settings(self) -> dict[str, Any]:
+        return {"render": RENDER_VERSION, "kanjivg": metadata.version("kanjivg"), "size": self.image_size,
+                "drawers": self.drawers, "classes": self.num_classes, "split": self.split_settings,
+                "variation": self.variation}
 
-    def _render_to(self, cache: Path) -> None:
+    def render(self, cache: Path) -> dict[str, np.ndarray]:
         glyphs = read_glyphs(kanjivg_dir())
         splits = split_alphabets(glyphs, self.num_classes, *self.split_settings)
         style = DrawerStyle().scaled(self.variation)
@@ -212,12 +190,5 @@ class KanjiHandwriting(ImageClassFamily):
             arrays[f"{split}_images"] = images
             arrays[f"{split}_labels"] = np.repeat(np.arange(len(members)), self.drawers)
             arrays[f"{split}_classes"] = np.array([f"{g.alphabet}/{g.code}" for g in members])
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(f".{os.getpid()}.tmp.npz")
         progress.close()
-        np.savez(partial, **arrays)
-        partial.replace(cache)  # atomic: concurrent jobs never read a half-written cache
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metalab"
+        return arrays
