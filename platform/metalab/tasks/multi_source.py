@@ -78,11 +78,11 @@ class MultiSource(TaskFamily):
         sources, test_only = list(sources), list(test_only or [])
         if not sources:
             raise ConfigError("task.sources is empty: name the sources to use, e.g. task.sources=[kanji,glyphs]")
-        unknown = [name for name in sources if name not in catalogue]
+        unknown = [source for source in sources if source not in catalogue]
         if unknown:
             raise ConfigError(f"task.sources names {', '.join(unknown)}, which task.catalogue lacks: its entries are "
                               f"{', '.join(sorted(catalogue))}")
-        stray = [name for name in test_only if name not in sources]
+        stray = [source for source in test_only if source not in sources]
         if stray:
             raise ConfigError(f"task.test_only names {', '.join(stray)}, which task.sources lacks: add it to "
                               "task.sources or drop it from task.test_only")
@@ -92,7 +92,7 @@ class MultiSource(TaskFamily):
             raise ConfigError(f"task.source_weights must be {' or '.join(SOURCE_WEIGHTS)}, got {source_weights!r}")
         self.sources, self.test_only, self.source_weights = sources, test_only, source_weights
         self.skip_missing, self.root, self.name = skip_missing, root, name
-        self.training_sources = [name for name in sources if name not in test_only]
+        self.training_sources = [source for source in sources if source not in test_only]
         if not self.training_sources:
             raise ConfigError("every source is in task.test_only: leave at least one to train on")
         self.image_size, self.channels, self.ways, self.sampler = image_size, channels, ways, sampler
@@ -100,14 +100,14 @@ class MultiSource(TaskFamily):
                     "train_shots": train_shots, "train_queries": train_queries, "sampler": sampler,
                     "meta_dataset": meta_dataset, "channels": channels, "seed": self.seed, "eval_seed": self.eval_seed}
         self.families: dict[str, TaskFamily] = {}
-        for name in sources:
-            entry = catalogue[name]
+        for source in sources:
+            entry = catalogue[source]
             own = {"image_size": image_size} if "image_size" in entry else {}
             family = instantiate(entry, **settings, **own)
             if family.problem != "classification":
-                raise ConfigError(f"task.sources: {name} is a {family.problem} family; a multi-source run takes image "
-                                  "classification sources")
-            self.families[name] = family
+                raise ConfigError(f"task.sources: {source} is a {family.problem} family; a multi-source run takes "
+                                  "image classification sources")
+            self.families[source] = family
 
     def prepare(self) -> None:
         """Load and check every source: the splits it serves (a test-only source its test split alone). A source
@@ -116,7 +116,10 @@ class MultiSource(TaskFamily):
         for name, family in list(self.families.items()):
             splits = ("test",) if name in self.test_only else ("train", "val", "test")
             try:
-                family.prepare(splits) if isinstance(family, ImageClassFamily) else family.prepare()
+                if isinstance(family, ImageClassFamily):
+                    family.prepare(splits)
+                else:
+                    family.prepare()
             except DataMissingError as error:
                 if not self.skip_missing:
                     raise DataMissingError(f"source {name} of task={self.name}: {rekeyed(str(error), name)} (or "
