@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from metalab.errors import ConfigError
 from metalab.tasks.kanji import split_alphabets
-from metalab.tasks.rendered import RenderedFamily, default_cache_dir
+from metalab.tasks.rendered import RenderedFamily, check_render_settings, default_cache_dir
 
 if TYPE_CHECKING:  # matplotlib is imported when glyphs are rendered: ~0.4 s that other families' jobs need not wait
     from matplotlib.ft2font import FT2Font
@@ -340,15 +340,8 @@ class PrintedGlyphs(RenderedFamily):
                  typefaces: list[str] | None = None, min_typefaces: int = 4,
                  cache_dir: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if image_size < 8 or drawers < 1 or num_classes < 3 or variation < 0:
-            raise ConfigError(f"task.image_size >= 8, task.drawers >= 1, task.num_classes >= 3 and task.variation "
-                              f">= 0 are needed; got {image_size}, {drawers}, {num_classes}, {variation}")
-        if not 1 <= min_alphabet_size <= max_alphabet_size:
-            raise ConfigError("task.min_alphabet_size and task.max_alphabet_size need 1 <= min_alphabet_size <= "
-                              f"max_alphabet_size, got {min_alphabet_size} and {max_alphabet_size}")
-        if not 0 < val_fraction < background_fraction < 1:
-            raise ConfigError("task.val_fraction and task.background_fraction need 0 < val_fraction < "
-                              f"background_fraction < 1, got {val_fraction} and {background_fraction}")
+        check_render_settings(image_size, drawers, num_classes, variation, min_alphabet_size, max_alphabet_size,
+                              background_fraction, val_fraction)
         typefaces = list(SUPPORTED_TYPEFACES if typefaces is None else typefaces)
         unknown = [name for name in typefaces if name not in SUPPORTED_TYPEFACES]
         if unknown or not typefaces or len(set(typefaces)) < len(typefaces):

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from metalab.errors import ConfigError
-from metalab.tasks.rendered import RenderedFamily, default_cache_dir
+from metalab.tasks.rendered import RenderedFamily, check_render_settings, default_cache_dir
 from metalab.tasks.strokes import DrawerStyle, Stroke, parse_path, render
 
 RENDER_VERSION = 2  # bump when rendering or the split changes, so stale caches are not reused (2: no short alphabet)
@@ -148,15 +148,8 @@ class KanjiHandwriting(RenderedFamily):
                  max_alphabet_size: int = 55, split_seed: int = 0, variation: float = 1.0,
                  cache_dir: str | Path | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if image_size < 8 or drawers < 1 or num_classes < 3 or variation < 0:
-            raise ConfigError(f"task.image_size >= 8, task.drawers >= 1, task.num_classes >= 3 and task.variation "
-                              f">= 0 are needed; got {image_size}, {drawers}, {num_classes}, {variation}")
-        if not 1 <= min_alphabet_size <= max_alphabet_size:
-            raise ConfigError("task.min_alphabet_size and task.max_alphabet_size need 1 <= min_alphabet_size <= "
-                              f"max_alphabet_size, got {min_alphabet_size} and {max_alphabet_size}")
-        if not 0 < val_fraction < background_fraction < 1:
-            raise ConfigError("task.val_fraction and task.background_fraction need 0 < val_fraction < "
-                              f"background_fraction < 1, got {val_fraction} and {background_fraction}")
+        check_render_settings(image_size, drawers, num_classes, variation, min_alphabet_size, max_alphabet_size,
+                              background_fraction, val_fraction)
         self.image_size, self.drawers, self.num_classes = image_size, drawers, num_classes
         self.split_settings = (min_alphabet_size, max_alphabet_size, background_fraction, val_fraction, split_seed)
         self.variation = variation

@@ -12,11 +12,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from metalab.errors import ConfigError
 from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metalab"
+
+
+def check_render_settings(image_size: int, drawers: int, num_classes: int, variation: float, min_alphabet_size: int,
+                          max_alphabet_size: int, background_fraction: float, val_fraction: float) -> None:
+    """The settings kanji and glyphs share, each checked; one line naming the keys on a bad one."""
+    if image_size < 8 or drawers < 1 or num_classes < 3 or variation < 0:
+        raise ConfigError(f"task.image_size >= 8, task.drawers >= 1, task.num_classes >= 3 and task.variation "
+                          f">= 0 are needed; got {image_size}, {drawers}, {num_classes}, {variation}")
+    if not 1 <= min_alphabet_size <= max_alphabet_size:
+        raise ConfigError("task.min_alphabet_size and task.max_alphabet_size need 1 <= min_alphabet_size <= "
+                          f"max_alphabet_size, got {min_alphabet_size} and {max_alphabet_size}")
+    if not 0 < val_fraction < background_fraction < 1:
+        raise ConfigError("task.val_fraction and task.background_fraction need 0 < val_fraction < "
+                          f"background_fraction < 1, got {val_fraction} and {background_fraction}")
 
 
 class RenderedFamily(ImageClassFamily):
