@@ -310,13 +310,15 @@ def test_a_resumed_run_first_stores_what_its_killed_process_left_pending(tmp_pat
                 ).log_metrics({"meta_train/loss": 2.0}, step=10)
     first.finish("KILLED")
     records = PendingFile(tmp_path / "out")  # what a process killed during an outage leaves
-    records.append({"uri": uri, "run": first.run_id, "metrics": [["meta_train/loss", 1.0, 5000, 30]]})
+    # meta_train/grad_norm: a key whose every value was still pending when the process died
+    records.append({"uri": uri, "run": first.run_id, "metrics": [["meta_train/loss", 1.0, 5000, 30],
+                                                                  ["meta_train/grad_norm", 0.5, 5000, 30]]})
     records.close(0)
     (tmp_path / "out" / "checkpoints").mkdir()
     (tmp_path / "out" / "checkpoints" / "last.ckpt").touch()
     second = MLflowTracking(uri)
     logger = second.resume(first.run_id)
-    assert logger.logged_steps == {"meta_train/loss": 30}  # a step the resumed run must not log again
+    assert logger.logged_steps == {"meta_train/loss": 30, "meta_train/grad_norm": 30}  # not to be logged again
     client = MlflowClient(uri)
     assert sorted(m.step for m in client.get_metric_history(first.run_id, "meta_train/loss")) == [10, 30]
     assert client.get_run(first.run_id).info.status == "RUNNING"

@@ -126,8 +126,10 @@ class MLflowTracking(Tracking):
         self.client.set_tag(run_id, "metalab.resumed_from", str(checkpoint))
         if "metalab.error" in run.data.tags:  # why it stopped before; the continued run sets its own, if any
             self.client.delete_tag(run_id, "metalab.error")
-        # Steps logged after the checkpoint (before the run died) are not logged twice.
-        logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in run.data.metrics}
+        # Steps logged after the checkpoint (before the run died) are not logged twice. The keys are read again:
+        # the outbox has just stored what the process before left pending, perhaps a key's first values.
+        stored = self.client.get_run(run_id).data.metrics
+        logged = {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in stored}
         self._monitor_system(resume=True)
         return ResumedMLFlowLogger(logged, tracking_uri=self.tracking_uri, run_id=run_id, client=self.client,
                                    experiment_id=self.experiment_id)
