@@ -15,7 +15,7 @@ from metalab.errors import ConfigError
 from metalab.job import train
 from metalab.tasks import PrintedGlyphs
 from metalab.tasks import glyphs as glyphs_module
-from metalab.tasks.images import SPLITS
+from metalab.tasks.classification import SPLITS
 from tests.test_training import SHORT
 
 NAME = re.compile(r"^(?P<block>[A-Za-z0-9 -]+)/U\+(?P<point>[0-9A-F]{4,5})$")

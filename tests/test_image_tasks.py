@@ -16,7 +16,8 @@ import yaml
 from metalab.errors import ConfigError
 from metalab.tasks import ImageFolder, KanjiHandwriting, MiniImageNet, Omniglot, SinusoidLineRegression
 from metalab.tasks import omniglot as omniglot_module
-from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
+from metalab.tasks.classification import SPLITS
+from metalab.tasks.images import ImageClassFamily, LabelledImages
 from tests import fake_datasets
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from metalab.errors import ConfigError, DataMissingError
 from metalab.tasks import MetaDatasetSource
 from metalab.tasks import meta_dataset_records as records_module
-from metalab.tasks.images import SPLITS
+from metalab.tasks.classification import SPLITS
 from metalab.tasks.meta_dataset_records import RecordImages, decode_image
 from metalab.tasks.tfrecords import (
     crc32c,

@@ -2,5 +2,6 @@
 
 from metalab.models.conv import CNN4, ResNet12
 from metalab.models.mlp import MLP
+from metalab.models.text import TextCNN, TextTransformer
 
-__all__ = ["CNN4", "MLP", "ResNet12"]
+__all__ = ["CNN4", "MLP", "ResNet12", "TextCNN", "TextTransformer"]

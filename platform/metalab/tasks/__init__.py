@@ -11,6 +11,8 @@ from metalab.tasks.mini_imagenet import MiniImageNet
 from metalab.tasks.multi_source import MultiSource
 from metalab.tasks.omniglot import Omniglot
 from metalab.tasks.sinusoid import SinusoidLineRegression, SinusoidRegression
+from metalab.tasks.texts import TextClassFamily
+from metalab.tasks.wordnet import WordNetGlosses
 
 __all__ = [
     "Episodes",
@@ -26,4 +28,6 @@ __all__ = [
     "SinusoidLineRegression",
     "SinusoidRegression",
     "TaskFamily",
+    "TextClassFamily",
+    "WordNetGlosses",
 ]

@@ -8,8 +8,9 @@ from typing import Any
 import yaml
 
 from metalab.errors import ConfigError, DataMissingError
+from metalab.tasks.classification import SPLITS
 from metalab.tasks.image_files import IMAGE_SUFFIXES, stack_classes
-from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
+from metalab.tasks.images import ImageClassFamily, LabelledImages
 
 LAYOUT = ("<root>/<class>/*.png|jpg and a split file (YAML or JSON) {train: [classes], val: [classes], "
           "test: [classes]}")

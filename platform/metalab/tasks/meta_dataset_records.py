@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from metalab.errors import ConfigError, DataMissingError
 from metalab.schema_cache import cache_folder
-from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
+from metalab.tasks.classification import SPLITS
+from metalab.tasks.images import ImageClassFamily, LabelledImages
 from metalab.tasks.tfrecords import Example, read_record, record_spans
 
 LAYOUT = "<root>/<source>/dataset_spec.json and one <class_id>.tfrecords per class, as Meta-Dataset's conversion writes"

@@ -11,8 +11,9 @@ from typing import Any, Literal
 import torch
 
 from metalab.errors import ConfigError, DataMissingError
+from metalab.tasks.classification import SPLITS
 from metalab.tasks.image_files import stack_classes
-from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
+from metalab.tasks.images import ImageClassFamily, LabelledImages
 
 LAYOUT = ("<root>/images_background/<Alphabet>/<character>/*.png and <root>/images_evaluation/... "
           "(or the official images_background.zip and images_evaluation.zip in <root>)")

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from metalab.errors import ConfigError
-from metalab.tasks.images import SPLITS, ImageClassFamily, LabelledImages
+from metalab.tasks.classification import SPLITS
+from metalab.tasks.images import ImageClassFamily, LabelledImages
 
 
 def default_cache_dir() -> Path:
