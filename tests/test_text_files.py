@@ -223,3 +223,14 @@ def test_fewrel_preset_without_its_data_is_no_data(tmp_path: Path) -> None:
     assert "| protonet_fewrel_5w1s |" in result.stdout and "| no data |" in result.stdout
     [line] = [line for line in result.stderr.splitlines() if line.strip()]
     assert "task.root=/nonexistent/fewrel holds no train_wiki.json" in line
+
+
+@pytest.mark.parametrize(("name", "shots", "published"), [("protonet_fewrel_5w1s", 1, 69.20),
+                                                          ("protonet_fewrel_5w5s", 5, 84.79)])
+def test_fewrel_presets_pin_the_official_code_s_protocol(job, name: str, shots: int, published: float) -> None:
+    cfg = job(f"experiment={name}", "tracking=none")
+    task, model = cfg.task, cfg.model
+    assert (task.ways, task.shots, task.queries, task.train_ways, task.meta_batch_size) == (5, shots, 5, 10, 4)
+    assert (task.test_file, task.test_tasks, cfg.trainer.max_steps) == ("val_wiki.json", 10000, 30000)
+    assert (model.embedding_size, model.filters, list(model.widths)) == (50, 230, [3])
+    assert cfg.reproduction.published == published and "hidden test set" in cfg.reproduction.note
