@@ -164,8 +164,9 @@ def test_jsonl_errors_name_the_key_and_the_fix(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^task.train_classes and task.test_classes share \[3\]: a class goes to "
                                           r"one split$"):
         JsonLinesTexts(path="x", train_classes=[0, 3], val_classes=[1], test_classes=[3])
+    (tmp_path / "one.json").write_text(good)
     with pytest.raises(ConfigError, match=r"^task.dataset=custom needs task.val_classes, task.test_classes: list "):
-        JsonLinesTexts(path="x", train_classes=[0])
+        JsonLinesTexts(path=str(tmp_path / "one.json"), train_classes=[0]).read_texts("train")
     with pytest.raises(ConfigError, match=r"^task.dataset must be one of huffpost, .*custom, got 'hufpost'$"):
         JsonLinesTexts(path="x", dataset="hufpost")
 

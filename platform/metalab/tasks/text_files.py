@@ -82,9 +82,8 @@ class JsonLinesTexts(TextClassFamily):
         if dataset not in DATASETS:
             raise ConfigError(f"task.dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
         given = {"train": train_classes, "val": val_classes, "test": test_classes}
-        if dataset == "custom" and None in given.values():
-            missing = [f"task.{split}_classes" for split, classes in given.items() if classes is None]
-            raise ConfigError(f"task.dataset=custom needs {', '.join(missing)}: list the label ids of each split")
+        # task=custom's lists are checked when read (prepare(), before training): the YAML's defaults must build
+        self.unset = [f"task.{split}_classes" for split, classes in given.items() if classes is None]
         published = dict(zip(SPLITS, BAO_SPLITS.get(dataset, ([], [], [])), strict=True))
         self.classes = {split: list(given[split]) if given[split] is not None else published[split]
                         for split in SPLITS}
@@ -99,7 +98,10 @@ class JsonLinesTexts(TextClassFamily):
 
     def read_texts(self, split: str) -> Texts:
         if self._texts is None:
-            by_label = self._read_file()
+            by_label = self._read_file()  # first: a missing file is "no data" whatever the split
+            if self.dataset == "custom" and self.unset:
+                raise ConfigError(f"task.dataset=custom needs {', '.join(self.unset)}: list the label ids of each "
+                                  "split, or set task.dataset to one of Bao et al.'s data sets")
             self._texts = {}
             for name in SPLITS:
                 empty = [label for label in self.classes[name] if label not in by_label]
