@@ -24,8 +24,9 @@ IMAGE_MODELS = ("cnn4", "resnet12")
 def test_every_option_composes_and_builds(job, group: str, option: str) -> None:
     """Every option composes with the defaults (image models with an image task) and its object builds."""
     cfg = job(f"{group}={option}", *(["task=kanji"] if option in IMAGE_MODELS else []))
-    if group == "task" and "root" in cfg.task.keys():  # `in` is False for a missing (???) value
-        cfg.task.root = "/data/root"
+    for key in ("root", "path"):  # a task's data location (task=folder: root, task=text_jsonl: path)
+        if group == "task" and key in cfg.task.keys():  # `in` is False for a missing (???) value
+            cfg.task[key] = f"/data/{key}"
     if group in ("task", "model"):
         instantiate(cfg[group])
 

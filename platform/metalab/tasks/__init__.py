@@ -11,13 +11,16 @@ from metalab.tasks.mini_imagenet import MiniImageNet
 from metalab.tasks.multi_source import MultiSource
 from metalab.tasks.omniglot import Omniglot
 from metalab.tasks.sinusoid import SinusoidLineRegression, SinusoidRegression
+from metalab.tasks.text_files import FewRelTexts, JsonLinesTexts
 from metalab.tasks.texts import TextClassFamily
 from metalab.tasks.wordnet import WordNetGlosses
 
 __all__ = [
     "Episodes",
+    "FewRelTexts",
     "ImageClassFamily",
     "ImageFolder",
+    "JsonLinesTexts",
     "KanjiHandwriting",
     "LabelledImages",
     "MetaDatasetSource",
