@@ -17,13 +17,15 @@ OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) if grou
            for option in sorted(group.glob("*.yaml"))]
 
 
-IMAGE_MODELS = ("cnn4", "resnet12")
+TASK_OF_MODEL = {"cnn4": "kanji", "resnet12": "kanji", "text_cnn": "wordnet", "transformer": "wordnet"}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_builds(job, group: str, option: str) -> None:
-    """Every option composes with the defaults (image models with an image task) and its object builds."""
-    cfg = job(f"{group}={option}", *(["task=kanji"] if option in IMAGE_MODELS else []))
+    """Every option composes with the defaults (image models with an image task, text encoders with a text task)
+    and its object builds."""
+    task = TASK_OF_MODEL.get(option) if group == "model" else None
+    cfg = job(f"{group}={option}", *([f"task={task}"] if task else []))
     for key in ("root", "path"):  # a task's data location (task=folder: root, task=text_jsonl: path)
         if group == "task" and key in cfg.task.keys():  # `in` is False for a missing (???) value
             cfg.task[key] = f"/data/{key}"

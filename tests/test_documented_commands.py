@@ -27,6 +27,7 @@ COMMAND = re.compile(r"^(metalab-train|metalab|make)(\s|$)")
 
 SHORT = ("trainer.max_steps=3", "task.val_tasks=2", "task.test_tasks=2")
 SHORT_IMAGES = (*SHORT, "task.meta_batch_size=2", "runner.backend=loop")  # no auto probe: it times CNN4 twice
+SHORT_TEXTS = SHORT_IMAGES
 
 
 def documented_commands() -> dict[str, str]:
@@ -96,6 +97,12 @@ CHECKS: dict[str, Check] = {
     "metalab-train task=kanji algorithm=maml algorithm.inner_lr=0.4 task.ways=20 task.shots=5":
         Check(extra=SHORT_IMAGES, runs=1, slow=True),
     "metalab-train task=omniglot task.root=/data/omniglot": Check("cfg", shows="root: /data/omniglot"),
+    "metalab-train task=wordnet algorithm=protonet": Check(extra=SHORT_TEXTS, runs=1, shows="post-adaptation accuracy"),
+    "metalab-train task=wordnet algorithm=fomaml algorithm.inner_lr=0.4 algorithm.inner_steps=5 model=transformer":
+        Check(extra=SHORT_TEXTS, runs=1, slow=True),
+    "metalab-train task=text_jsonl task.dataset=huffpost task.path=/data/bao2020/huffpost.json algorithm=protonet "
+    "task.shots=5": Check("cfg", shows="path: /data/bao2020/huffpost.json"),
+    "metalab-train task=fewrel task.root=/data/fewrel algorithm=protonet": Check("cfg", shows="root: /data/fewrel"),
     "metalab-train task=mini_imagenet task.root=/data/mini-imagenet model.hidden_size=32":
         Check("cfg", shows="hidden_size: 32"),
     "metalab-train experiment=maml_omniglot_5w1s task.root=/data/omniglot": Check("cfg", shows="split: maml"),

@@ -164,6 +164,5 @@ def test_resnet12_on_the_wrong_image_size_says_which_size_it_needs(side: int) ->
 
 def test_resnet12_takes_84_pixels_and_other_mismatches_keep_the_general_advice() -> None:
     check_model_fits(ResNet12(ways=5, channels=1), Squares(84))
-    with pytest.raises(ConfigError, match=r": choose a model for this task \(images: model=cnn4 or resnet12; "
-                                          r"vectors: model=mlp\)$"):
+    with pytest.raises(ConfigError, match=r": this task's inputs are images: use model=cnn4 or resnet12$"):
         check_model_fits(MLP(), Squares(28))

@@ -8,12 +8,19 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from omegaconf.errors import InterpolationKeyError
 
 from metalab.algorithms.base import MetaAlgorithm
 from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
 from metalab.models import ResNet12
 from metalab.tasks.base import TaskFamily
+from metalab.tasks.episodes import Inputs
+from metalab.tasks.texts import TextClassFamily
+
+MODELS_FOR = {"images": "model=cnn4 or resnet12", "texts": "model=text_cnn or transformer", "vectors": "model=mlp"}
 
 
 def require_accelerator(accelerator: str) -> None:
@@ -27,6 +34,25 @@ def require_accelerator(accelerator: str) -> None:
 RESNET12_SIDES = range(80, 96)
 
 
+def build_model(cfg: DictConfig, task: TaskFamily) -> torch.nn.Module:
+    """The model of ``cfg.model``, sized from the task (``${task.ways}``, ``${task.vocab_size}``, ...); a model that
+    reads a task setting this task has not (``model=cnn4`` on texts) is one line naming both."""
+    try:
+        return instantiate(cfg.model)
+    except InterpolationKeyError as error:
+        key = str(error).split("'")[1] if str(error).count("'") >= 2 else "a task setting"
+        choices = HydraConfig.get().runtime.choices
+        raise ConfigError(f"model={choices.get('model')} reads {key}, which task={choices.get('task')} does not have: "
+                          f"this task's inputs are {kind(task)}: use {MODELS_FOR[kind(task)]}") from None
+
+
+def kind(task: TaskFamily) -> str:
+    """What a task's inputs are: ``images``, ``texts`` or ``vectors``."""
+    if isinstance(task, TextClassFamily):
+        return "texts"
+    return "images" if task.problem == "classification" else "vectors"
+
+
 def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
     """One forward pass on one task's support set, so a model/task mismatch stops the run at start."""
     support_x = task.sample(1, torch.Generator().manual_seed(0), "train")[0].support_x
@@ -35,20 +61,30 @@ def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
     try:
         with torch.no_grad():
             model(support_x)
-    except (RuntimeError, ZeroDivisionError) as error:
+    except (RuntimeError, ZeroDivisionError, TypeError, IndexError, KeyError, AttributeError) as error:
+        # TypeError and the rest: an image network given a text's {"ids", "mask"}, or a text encoder given a tensor
         raise ConfigError(f"model {type(model).__name__} does not take task {task.name}'s inputs of shape "
-                          f"{tuple(support_x.shape)} ({' '.join(str(error).split())[:120]}): "
-                          f"{what_fits(model, tuple(support_x.shape))}") from None
+                          f"{shape(support_x)} ({' '.join(str(error).split())[:120]}): "
+                          f"{what_fits(model, support_x, task)}") from None
     finally:
         model.train(was_training)
 
 
-def what_fits(model: torch.nn.Module, shape: tuple[int, ...]) -> str:
-    """The fix for inputs of ``shape`` (B, *x) that ``model`` does not take: its input size, where it needs one."""
-    if isinstance(model, ResNet12) and len(shape) == 4 and shape[-1] not in RESNET12_SIDES:
+def shape(inputs: Inputs) -> str:
+    if isinstance(inputs, dict):
+        return "{" + ", ".join(f"{key!r}: {tuple(value.shape)}" for key, value in inputs.items()) + "}"
+    return str(tuple(inputs.shape))
+
+
+def what_fits(model: torch.nn.Module, inputs: Inputs, task: TaskFamily) -> str:
+    """The fix for ``inputs`` that ``model`` does not take: its input size, where it needs one, else the models
+    for this kind of task."""
+    if isinstance(model, ResNet12) and not isinstance(inputs, dict) and inputs.ndim == 4 \
+            and inputs.shape[-1] not in RESNET12_SIDES:
         return (f"ResNet-12 needs 84×84 images (any side of {RESNET12_SIDES.start}–{RESNET12_SIDES.stop - 1} px), "
-                f"these are {shape[-2]}×{shape[-1]}: set task.image_size=84, or use model=cnn4 (sized from the task)")
-    return "choose a model for this task (images: model=cnn4 or resnet12; vectors: model=mlp)"
+                f"these are {inputs.shape[-2]}×{inputs.shape[-1]}: set task.image_size=84, or use model=cnn4 (sized "
+                "from the task)")
+    return f"this task's inputs are {kind(task)}: use {MODELS_FOR[kind(task)]}"
 
 
 def check_algorithm_fits(algorithm: MetaAlgorithm, task: TaskFamily) -> None:

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from metalab._quiet import held_back_trainer_banner, quiet_lightning
 from metalab.checkpoints import AtomicCheckpointIO
-from metalab.checks import check_algorithm_fits, check_distributed, check_model_fits, require_accelerator
+from metalab.checks import build_model, check_algorithm_fits, check_distributed, check_model_fits, require_accelerator
 from metalab.cuda_probe import cheap_cuda_check
 from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
@@ -118,7 +118,7 @@ def build(cfg: DictConfig, seed: int) -> tuple[TaskFamily, MetaLearner]:
         raise ConfigError(f"sampling_workers must be >= 0, got {cfg.sampling_workers}")
     task.sampling_workers = cfg.sampling_workers
     task.prepare()
-    model = instantiate(cfg.model)
+    model = build_model(cfg, task)
     check_model_fits(model, task)
     algorithm = instantiate(cfg.algorithm, model=model)
     check_algorithm_fits(algorithm, task)

