@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gymnasium.envs.classic_control.pendulum import PendulumEnv
-from gymnasium.vector import SyncVectorEnv
 from torch import Tensor
 
 from metalab.errors import ConfigError
 from metalab.tasks.environments import Environment, EnvironmentFamily
+
+if TYPE_CHECKING:
+    from gymnasium.envs.classic_control.pendulum import PendulumEnv
+    from gymnasium.vector import SyncVectorEnv
 
 
 @dataclass
@@ -28,11 +30,15 @@ class PendulumEnvironment(Environment):
     action_size: int = 1
 
     def vector(self, parameters: Tensor, seeds: Sequence[int]) -> _GymnasiumVector:
+        from gymnasium.vector import SyncVectorEnv  # here: every job imports metalab.tasks, few step a pendulum
+
         return _GymnasiumVector(SyncVectorEnv([partial(_pendulum, *map(float, row)) for row in parameters.tolist()]),
                                 list(seeds))
 
 
 def _pendulum(g: float, m: float, l: float) -> PendulumEnv:  # noqa: E741 (gymnasium's names)
+    from gymnasium.envs.classic_control.pendulum import PendulumEnv
+
     env = PendulumEnv(g=g)
     env.m, env.l = m, l  # PendulumEnv takes only g; m and l are attributes its step reads
     return env
