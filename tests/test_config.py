@@ -17,7 +17,8 @@ OPTIONS = [(group.name, option.stem) for group in sorted(CONF.iterdir()) if grou
            for option in sorted(group.glob("*.yaml"))]
 
 
-TASK_OF_MODEL = {"cnn4": "kanji", "resnet12": "kanji", "text_cnn": "wordnet", "transformer": "wordnet"}
+TASK_OF_MODEL = {"cnn4": "kanji", "resnet12": "kanji", "text_cnn": "wordnet", "transformer": "wordnet",
+                 "gaussian_mlp": "pendulum"}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

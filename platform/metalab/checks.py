@@ -20,7 +20,8 @@ from metalab.tasks.base import TaskFamily
 from metalab.tasks.episodes import Inputs
 from metalab.tasks.texts import TextClassFamily
 
-MODELS_FOR = {"images": "model=cnn4 or resnet12", "texts": "model=text_cnn or transformer", "vectors": "model=mlp"}
+MODELS_FOR = {"images": "model=cnn4 or resnet12", "texts": "model=text_cnn or transformer", "vectors": "model=mlp",
+              "observations": "model=gaussian_mlp"}
 
 
 def require_accelerator(accelerator: str) -> None:
@@ -47,14 +48,20 @@ def build_model(cfg: DictConfig, task: TaskFamily) -> torch.nn.Module:
 
 
 def kind(task: TaskFamily) -> str:
-    """What a task's inputs are: ``images``, ``texts`` or ``vectors``."""
+    """What a task's inputs are: ``images``, ``texts``, ``vectors`` or (an environment's) ``observations``."""
     if isinstance(task, TextClassFamily):
         return "texts"
+    if task.problem == "reinforcement":
+        return "observations"
     return "images" if task.problem == "classification" else "vectors"
 
 
 def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
-    """One forward pass on one task's support set, so a model/task mismatch stops the run at start."""
+    """One forward pass on one task's support set (an environment's: one observation), so a model/task mismatch
+    stops the run at start; a policy must give a (mean, log_std) pair of the action's size."""
+    if task.problem == "reinforcement":
+        check_policy_fits(model, task)
+        return
     support_x = task.sample(1, torch.Generator().manual_seed(0), "train")[0].support_x
     was_training = model.training
     model.eval()  # no batch-norm statistics are touched
@@ -68,6 +75,20 @@ def check_model_fits(model: torch.nn.Module, task: TaskFamily) -> None:
                           f"{what_fits(model, support_x, task)}") from None
     finally:
         model.train(was_training)
+
+
+def check_policy_fits(model: torch.nn.Module, task: TaskFamily) -> None:
+    observation = torch.zeros(1, task.observation_size)
+    try:
+        with torch.no_grad():
+            output = model(observation)
+    except RuntimeError as error:
+        output = error
+    if not (isinstance(output, tuple) and len(output) == 2 and all(
+            isinstance(part, torch.Tensor) and part.shape == (1, task.action_size) for part in output)):
+        raise ConfigError(f"model {type(model).__name__} is not a policy for task {task.name} (observations of size "
+                          f"{task.observation_size} → the mean and log-std of actions of size {task.action_size}): "
+                          f"use {MODELS_FOR['observations']}")
 
 
 def shape(inputs: Inputs) -> str:

@@ -189,7 +189,8 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, back
            phases: Phases | None = None) -> None:
     """The lines a user reads at the end of a run (``backend``: the one ``runner.backend=auto`` chose;
     ``phases``: where the time went)."""
-    metric, label = ("acc", "accuracy") if task.problem == "classification" else ("loss", "MSE")
+    metric, label = {"classification": ("acc", "accuracy"), "reinforcement": ("return", "return")}.get(
+        task.problem, ("loss", "MSE"))
     sources = task.evaluation_sources("test")
     each = " of each source" if sources else ""
     print(f"\nmeta-test over {task.test_tasks} tasks{each} (mean ± 95% CI):")
@@ -202,6 +203,12 @@ def report(metrics: dict[str, float], task: TaskFamily, tracking: Tracking, back
         for source in sources:
             name = f"meta_test/{source}/{when}_{metric}"
             print(f"    {source:<{width}}  {metrics[name]:.4f} ± {metrics[f'{name}_ci95']:.4f}")
+    steps = sorted(int(name.rsplit("step", 1)[1]) for name in metrics if task.problem == "reinforcement"
+                   and name.startswith(f"meta_test/post_{metric}_step") and not name.endswith("_ci95"))
+    for step in steps:  # learner.test_curve_steps: the inner-step curve
+        name = f"meta_test/post_{metric}_step{step}"
+        plural = "s" if step > 1 else ""
+        print(f"  after {step} inner step{plural}: {metrics[name]:.4f} ± {metrics[f'{name}_ci95']:.4f}")
     if backend:
         print(f"runner backend: {backend} (chosen by runner.backend=auto)")
     if phases is not None:

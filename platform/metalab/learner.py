@@ -52,7 +52,8 @@ class MetaLearner(pl.LightningModule):
     Arguments:
         algorithm: the maths (:class:`~metalab.algorithms.base.MetaAlgorithm`).
         optimizer: builds the outer optimiser from the meta-parameters (a ``_partial_`` config).
-        problem: ``regression`` (MSE) or ``classification`` (cross-entropy).
+        problem: ``regression`` (MSE), ``classification`` (cross-entropy) or ``reinforcement`` (returns: the
+            algorithm owns its outer step and evaluates itself, :meth:`_evaluate_returns`).
         runner: how tasks are executed; ``None``: ``TaskRunner("auto")``.
         scheduler: builds a learning-rate scheduler from the optimiser, stepped every meta-iteration.
         test_curve_steps: also test after 1..n inner steps (``meta_test/post_loss_step<k>``).
@@ -75,6 +76,7 @@ class MetaLearner(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.classification = problem == "classification"
+        self.reinforcement = problem == "reinforcement"
         self.loss_fn = F.cross_entropy if self.classification else F.mse_loss
         # Per source (None: the family's only one), per metric, one (T,) tensor per evaluated meta-batch.
         self._per_task: dict[str | None, dict[str, list[Tensor]]] = defaultdict(_metric_lists)
@@ -111,6 +113,8 @@ class MetaLearner(pl.LightningModule):
             if self.classification:
                 accuracy = torch.stack([self._accuracy(p, y) for p, y in zip(predictions, tasks.query_y, strict=True)])
                 self.log("meta_train/post_acc", accuracy.mean(), batch_size=len(tasks))
+            if self.reinforcement:  # outer_step's "predictions" are each task's post-adaptation return (T,)
+                self.log("meta_train/post_return", predictions.mean(), batch_size=len(tasks))
         return meta_loss * weight if self.automatic_optimization else None
 
     def _update_running_statistics(self, tasks: Episodes) -> None:
@@ -171,11 +175,17 @@ class MetaLearner(pl.LightningModule):
 
     def validation_step(self, tasks: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
         with self._evaluation_batch_norm():
+            if self.reinforcement:
+                self._evaluate_returns(tasks)
+                return
             self._evaluate(tasks)
 
     def test_step(self, tasks: Episodes, batch_idx: int, dataloader_idx: int = 0) -> None:
         """``dataloader_idx``: the source, where the family evaluates several apart (``tasks.source`` names it)."""
         with self._evaluation_batch_norm():
+            if self.reinforcement:
+                self._evaluate_returns(tasks, self.test_curve_steps)
+                return
             predictions = self._evaluate(tasks)
             if self.test_curve_steps:
                 self._curve(tasks)
@@ -217,6 +227,13 @@ class MetaLearner(pl.LightningModule):
         if before is not None:  # None: no "before adaptation" (ProtoNet), so no pre_* metrics
             self._record("pre", before, tasks)
         return self._record_adapted(tasks, context)
+
+    def _evaluate_returns(self, tasks: Any, curve_steps: int = 0) -> None:
+        """Record each environment task's mean return before and after adaptation (``pre_return``, ``post_return``,
+        ``post_return_step<k>`` for k ≤ ``curve_steps``), as the algorithm's ``evaluate`` measures them, for the
+        epoch summary's mean and 95% CI over tasks."""
+        for name, values in self.algorithm.evaluate(tasks, self.context(training=False), curve_steps).items():
+            self._per_task[None][name].append(values.detach())
 
     def _curve(self, tasks: Episodes) -> None:
         """Query loss (and accuracy) after 1, 2, …, ``test_curve_steps`` inner steps: ``post_loss_step<k>``."""

@@ -11,10 +11,25 @@ from metalab.algorithms.base import (
 from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.maml_pp import MAMLPlusPlus
+from metalab.algorithms.maml_trpo import MAMLTRPO
 from metalab.algorithms.metasgd import MetaSGD
 from metalab.algorithms.protomaml import ProtoMAML
 from metalab.algorithms.protonet import ProtoNet
 from metalab.algorithms.reptile import Reptile
 
-__all__ = ["ANIL", "IMAML", "MAML", "Context", "FitReport", "GradientBasedAlgorithm", "MAMLPlusPlus", "MetaAlgorithm",
-           "MetaSGD", "ProtoMAML", "ProtoNet", "Reptile", "TaskGradient"]
+__all__ = [
+    "ANIL",
+    "IMAML",
+    "MAML",
+    "MAMLTRPO",
+    "Context",
+    "FitReport",
+    "GradientBasedAlgorithm",
+    "MAMLPlusPlus",
+    "MetaAlgorithm",
+    "MetaSGD",
+    "ProtoMAML",
+    "ProtoNet",
+    "Reptile",
+    "TaskGradient",
+]

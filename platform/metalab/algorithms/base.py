@@ -139,7 +139,11 @@ class MetaAlgorithm(nn.Module, ABC):
     def outer_step(self, episodes: Episodes, context: Context, optimizer: Optimizer) -> tuple[Tensor, Tensor]:
         """With ``owns_outer_step``: update the meta-parameters for one meta-batch, through at least one
         ``optimizer.step()`` (Lightning counts meta-iterations by optimiser steps; write ``.grad`` with the
-        update direction, e.g. after a line search); return the query predictions and the mean query loss."""
+        update direction, e.g. after a line search); return the query predictions and the mean query loss (for
+        ``reinforcement`` tasks: each task's post-adaptation return (T,) and the outer objective's loss).
+
+        A reinforcement-learning algorithm also implements ``evaluate(tasks, context, curve_steps) -> {name: (T,)}``
+        (each task's ``pre_return``, ``post_return``, ``post_return_step<k>``), which the learner records."""
         raise NotImplementedError(f"{type(self).__name__} leaves its outer step to the runner and the optimiser")
 
     def fit_report(self) -> FitReport | None:

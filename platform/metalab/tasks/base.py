@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from metalab.errors import ConfigError
 from metalab.tasks.episodes import Episodes
 
-Problem = Literal["regression", "classification"]
+Problem = Literal["regression", "classification", "reinforcement"]
 
 
 class TaskFamily(pl.LightningDataModule):
@@ -40,6 +40,7 @@ class TaskFamily(pl.LightningDataModule):
 
     name: str
     problem: Problem
+    batch_type: type = Episodes  # what sample() returns; environment families: EnvironmentTasks (both have .of, .to)
 
     def __init__(self, *, meta_batch_size: int = 25, val_tasks: int = 100, test_tasks: int = 600,
                  eval_batch_size: int = 100, seed: int = 0, eval_seed: int = 1) -> None:
@@ -92,7 +93,7 @@ class TaskFamily(pl.LightningDataModule):
     def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
         """Move the episodes' four tensors directly. Lightning's generic walk over a dataclass (deep copies
         included) cost ~0.5 ms a step: a tenth of a sinusoid meta-iteration with ``backend=vmap``."""
-        if isinstance(batch, Episodes):
+        if isinstance(batch, self.batch_type):
             return batch.to(device, non_blocking=device.type == "cuda")
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
@@ -140,7 +141,8 @@ class FixedTasks(Dataset):
         start = batch * self.family.eval_batch_size
         indices = range(start, min(start + self.family.eval_batch_size, self.num_tasks))
         if self.source is None:
-            return Episodes.of([self.family.sample(1, self.generator(index), self.split)[0] for index in indices])
+            return self.family.batch_type.of([self.family.sample(1, self.generator(index), self.split)[0]
+                                              for index in indices])
         return Episodes.of([self.family.sample_source(self.source, 1, self.generator(index), self.split)[0]
                             for index in indices], source=self.source)
 

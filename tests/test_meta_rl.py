@@ -1,0 +1,192 @@
+"""Meta-RL (Finn et al. 2017, §5.3): environment tasks, MAML-TRPO's inner policy gradient and TRPO step, a real run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import Tensor
+from torch.distributions import Normal, kl_divergence
+from torch.func import functional_call
+
+from metalab.algorithms import MAMLTRPO
+from metalab.algorithms.policy_gradient import advantages, repeated, sample_rollouts
+from metalab.errors import ConfigError
+from metalab.job import build, train
+from metalab.models import GaussianMLPPolicy
+from metalab.tasks import Nav2D, Pendulum
+from metalab.tasks.environments import Environment, EnvironmentTasks
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Policies this small gain nothing from intra-op threads, and on a loaded 2-core machine two threads wait on
+    each other (a TRPO step measured ~60x slower): the tests run on one and restore the setting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class OneStep(Environment):
+    """1-step episodes: the observation s is fixed by the episode's seed, the reward −(a − 2s − p)² for the task's p."""
+
+    horizon: int = 1
+    observation_size: int = 1
+    action_size: int = 1
+
+    def vector(self, parameters: Tensor, seeds: Sequence[int]) -> _OneStepVector:
+        return _OneStepVector(parameters[:, 0], torch.tensor([seed % 1000 / 500 - 1 for seed in seeds]))
+
+
+class _OneStepVector:
+    def __init__(self, targets: Tensor, observations: Tensor) -> None:
+        self.targets, self.observations = targets, observations.float()
+
+    def reset(self) -> Tensor:
+        return self.observations.unsqueeze(1)
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.observations.unsqueeze(1), -(actions[:, 0] - 2 * self.observations - self.targets) ** 2
+
+
+def test_inner_step_is_the_hand_computed_reinforce_gradient_with_a_quadratic_baseline() -> None:
+    """A linear Gaussian policy on 1-step episodes: the baseline [s, s², 1]'s least squares is a quadratic fit of the
+    rewards (np.polyfit), advantages are normalised per task, and ∇ log N(a; ws + c, σ²) is written out by hand."""
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(1, 1, hidden_sizes=(), init_log_std=-0.5)
+    algorithm = MAMLTRPO(policy, inner_lr=0.1, inner_rollouts=8)
+    tasks = EnvironmentTasks(torch.tensor([[0.3], [-0.7]]), torch.tensor([11, 12]), OneStep())
+    parameters = repeated(policy, 2)
+    rollouts = algorithm.rollouts(tasks, parameters, draw=0)
+    adapted = algorithm.inner_step(parameters, rollouts, create_graph=False)
+
+    w, c, log_std = policy.head.weight.item(), policy.head.bias.item(), policy.log_std.item()
+    for task in range(2):
+        s, a, r = (x[task].flatten().double().numpy()
+                   for x in (rollouts.observations, rollouts.actions, rollouts.rewards))
+        np.testing.assert_allclose(r, -(a - 2 * s - tasks.parameters[task, 0].item()) ** 2, rtol=1e-5)
+        advantage = r - np.polyval(np.polyfit(s, r, 2), s)
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+        mean, variance = w * s + c, math.exp(2 * log_std)
+        gradient = {"head.weight": np.mean((a - mean) / variance * s * advantage),  # E[∇ log π · A]
+                    "head.bias": np.mean((a - mean) / variance * advantage),
+                    "log_std": np.mean(((a - mean) ** 2 / variance - 1) * advantage)}
+        start = {"head.weight": w, "head.bias": c, "log_std": log_std}
+        for name, value in gradient.items():  # ascent on the return: θ' = θ + α ∇J
+            assert adapted[name][task].item() == pytest.approx(start[name] + 0.1 * value, abs=1e-5), name
+        assert abs(gradient["head.weight"]) > 1e-3  # the check is not vacuous
+
+
+def independent_distributions(policy: GaussianMLPPolicy, parameters: dict[str, Tensor],
+                              observations: Tensor) -> Normal:
+    """Task by task with functional_call (no vmap): the policies' Normal over the observations (T, K, H, O)."""
+    means, stds = [], []
+    for task in range(len(observations)):
+        own = {name: value[task].detach() for name, value in parameters.items()}
+        mean, log_std = functional_call(policy, own, (observations[task],))
+        means.append(mean)
+        stds.append(log_std.exp())
+    return Normal(torch.stack(means), torch.stack(stds))
+
+
+def test_trpo_step_stays_within_max_kl_and_improves_the_surrogate(one_thread: None) -> None:
+    torch.manual_seed(0)
+    family = Nav2D(meta_batch_size=3)
+    policy = GaussianMLPPolicy(2, 2, hidden_sizes=(16,))
+    algorithm = MAMLTRPO(policy, inner_rollouts=5, max_kl=0.01)
+    tasks = family.sample(3, torch.Generator().manual_seed(0), "train")
+    pre = algorithm.rollouts(tasks, repeated(policy, 3), draw=0)
+    post = algorithm.rollouts(tasks, algorithm.adapted([pre], create_graph=False), draw=1)
+    advantage = advantages(post, 0.99, 1.0)
+
+    def after_adaptation() -> Normal:
+        with torch.enable_grad():
+            return independent_distributions(policy, algorithm.adapted([pre], create_graph=False), post.observations)
+
+    old = after_adaptation()
+    before = [p.detach().clone() for p in policy.parameters()]
+    algorithm.trpo_step([pre], post)
+    new = after_adaptation()
+    kl = kl_divergence(old, new).sum(-1).mean().item()
+    ratio = (new.log_prob(post.actions).sum(-1) - old.log_prob(post.actions).sum(-1)).exp()
+    surrogate_before, surrogate_after = advantage.mean().item(), (ratio * advantage).mean().item()
+    assert any(not torch.equal(b, p) for b, p in zip(before, policy.parameters(), strict=True)), "no step taken"
+    assert 0 < kl <= 0.01 * (1 + 1e-4)
+    assert surrogate_after > surrogate_before + 1e-4
+
+
+def test_nav2d_rewards_minus_the_distance_clips_actions_and_runs_100_steps() -> None:
+    family = Nav2D()
+    assert family.horizon == 100 and family.problem == "reinforcement"
+    goals = torch.tensor([[0.3, -0.4], [0.0, 0.0]])
+    envs = family.environment.vector(goals, [0, 1])
+    assert torch.equal(envs.reset(), torch.zeros(2, 2))
+    observation, reward = envs.step(torch.tensor([[0.5, -0.05], [-3.0, 0.02]]))
+    torch.testing.assert_close(observation, torch.tensor([[0.1, -0.05], [-0.1, 0.02]]))  # each axis clipped to 0.1
+    torch.testing.assert_close(reward, -torch.linalg.vector_norm(observation - goals, dim=1))
+    tasks = family.sample(2, torch.Generator().manual_seed(0), "train")
+    assert ((tasks.parameters >= -0.5) & (tasks.parameters <= 0.5)).all()
+    policy = GaussianMLPPolicy(2, 2, hidden_sizes=(8,))
+    rollouts = sample_rollouts(tasks.environment, tasks.parameters, tasks.seeds, 0,
+                               lambda obs: policy(obs), episodes=3)
+    assert rollouts.rewards.shape == (2, 3, 100) and (rollouts.rewards <= 0).all()
+    again = family.sample(2, torch.Generator().manual_seed(0), "train")
+    assert torch.equal(tasks.parameters, again.parameters) and torch.equal(tasks.seeds, again.seeds)
+
+
+def test_pendulum_tasks_step_gymnasiums_equations_with_their_own_physics() -> None:
+    family = Pendulum()
+    tasks = family.sample(2, torch.Generator().manual_seed(0), "train")
+    (g, m, l), torque = tasks.parameters[1].tolist(), 1.5  # noqa: E741
+    envs = family.environment.vector(tasks.parameters, [3, 4])
+    cos, sin, speed = envs.reset()[1].double().tolist()
+    observation, reward = envs.step(torch.tensor([[0.0], [torque]]))
+    theta = math.atan2(sin, cos)
+    new_speed = speed + (3 * g / (2 * l) * math.sin(theta) + 3.0 / (m * l**2) * torque) * 0.05
+    assert observation[1, 2].item() == pytest.approx(new_speed, abs=1e-5)
+    assert reward[1].item() == pytest.approx(-(theta**2 + 0.1 * speed**2 + 0.001 * torque**2), abs=1e-5)
+    assert 5 <= g <= 15 and 0.5 <= m <= 1.5 and 0.5 <= l <= 1.5
+
+
+@pytest.mark.parametrize(("algorithm", "task", "problem"), [("maml_trpo", "sinusoid", "regression"),
+                                                             ("maml", "nav2d", "reinforcement")])
+def test_an_algorithm_and_a_task_of_different_problems_are_one_line(job, algorithm: str, task: str,
+                                                                      problem: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build(job(f"algorithm={algorithm}", f"task={task}", "tracking=none"), seed=0)
+    message = str(error.value)
+    assert "\n" not in message and f"algorithm={algorithm}" in message and f"task={task} is {problem}" in message
+
+
+def test_a_network_that_is_not_a_policy_is_refused_with_the_model_to_use(job) -> None:
+    with pytest.raises(ConfigError, match=r"is not a policy for task nav2d .* use model=gaussian_mlp"):
+        build(job("algorithm=maml_trpo", "task=nav2d", "model=mlp", "tracking=none"), seed=0)
+
+
+def test_a_short_maml_trpo_run_on_pendulum_adapts_and_is_recorded(job, tmp_path, one_thread: None) -> None:
+    """A few meta-iterations: after one inner policy-gradient step, the test tasks' return is above the one before
+    (the inner step learns), and MLflow holds the returns with their 95% CIs and the inner-step curve."""
+    metrics = train(job("algorithm=maml_trpo", "task=pendulum", "trainer.max_steps=4", "trainer.val_check_interval=4",
+                        "trainer.log_every_n_steps=1", "task.meta_batch_size=4", "algorithm.inner_rollouts=10",
+                        "task.val_tasks=4", "task.test_tasks=8", "task.eval_batch_size=8",
+                        "learner.test_curve_steps=2", "callbacks=none", "trainer.enable_checkpointing=false"))
+    pre, post = metrics["meta_test/pre_return"], metrics["meta_test/post_return"]
+    assert post > pre + metrics["meta_test/post_return_ci95"] / 4, metrics
+    assert metrics["meta_test/post_return_step1"] == post and "meta_test/post_return_step2" in metrics
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("pendulum").experiment_id])
+    logged = run.data.metrics
+    for name in ("pre_return", "post_return", "post_return_step1", "post_return_step2"):
+        assert f"meta_test/{name}" in logged and logged[f"meta_test/{name}_ci95"] > 0, name
+    assert "meta_val/post_return" in logged
+    assert len(client.get_metric_history(run.info.run_id, "meta_train/post_return")) == 4
+    assert math.isfinite(logged["meta_train/loss"])
