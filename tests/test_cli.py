@@ -115,7 +115,7 @@ BAD_INPUTS = [
     (["tracking.tracking_uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 does not answer"),
     (["-m", "algorithm=maml,,fomaml"], "Error parsing override"),
     (["resume=0123456789abcdef0123456789abcdef"], "no MLflow run with that id"),
-    (["model=lstm"], "unknown model 'lstm': choose one of cnn4, mlp, resnet12, text_cnn, transformer"),
+    (["model=lstm"], "unknown model 'lstm': choose one of cnn4, gaussian_mlp, mlp, resnet12, text_cnn, transformer"),
     (["hydra.run.dir=/proc/metalab-out"], "cannot create the output folder /proc/metalab-out"),
     (["algorithm=maml_schema"], "algorithm=maml_schema is the schema of an option, not an option: choose one of "
                                 "anil, fomaml, imaml, maml, maml_pp, metasgd, protomaml, protonet, reptile"),
@@ -154,7 +154,7 @@ def test_help_names_metalab_train_and_lists_options_without_their_schemas(tmp_pa
                   .split("== Config (key=value)")[0].splitlines()[1:] if ": " in line)
     assert groups["algorithm"].split(", ") == ["anil", "fomaml", "imaml", "maml", "maml_pp", "metasgd", "protomaml",
                                                "protonet", "reptile"]
-    assert groups["model"] == "cnn4, mlp, resnet12, text_cnn, transformer" and groups["tracking"] == "mlflow, none"
+    assert groups["model"] == "cnn4, gaussian_mlp, mlp, resnet12, text_cnn, transformer" and groups["tracking"] == "mlflow, none"
     assert "maml_omniglot_5w1s" in groups["experiment"]
     assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout
     assert "inner_lr: 0.01" in result.stdout  # the composed config follows
