@@ -152,9 +152,10 @@ def test_help_names_metalab_train_and_lists_options_without_their_schemas(tmp_pa
     assert result.stdout.startswith("metalab-train: "), result.stdout[:200]
     groups = dict(line.split(": ", 1) for line in result.stdout.split("== Config groups", 1)[1]
                   .split("== Config (key=value)")[0].splitlines()[1:] if ": " in line)
-    assert groups["algorithm"].split(", ") == ["anil", "fomaml", "imaml", "maml", "maml_pp", "metasgd", "protomaml",
-                                               "protonet", "reptile"]
-    assert groups["model"] == "cnn4, gaussian_mlp, mlp, resnet12, text_cnn, transformer" and groups["tracking"] == "mlflow, none"
+    assert groups["algorithm"].split(", ") == ["anil", "fomaml", "imaml", "maml", "maml_pp", "maml_trpo", "metasgd",
+                                               "protomaml", "protonet", "reptile"]
+    assert groups["model"] == "cnn4, gaussian_mlp, mlp, resnet12, text_cnn, transformer"
+    assert groups["tracking"] == "mlflow, none"
     assert "maml_omniglot_5w1s" in groups["experiment"]
     assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout
     assert "inner_lr: 0.01" in result.stdout  # the composed config follows
