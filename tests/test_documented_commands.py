@@ -28,6 +28,7 @@ COMMAND = re.compile(r"^(metalab-train|metalab|make)(\s|$)")
 SHORT = ("trainer.max_steps=3", "task.val_tasks=2", "task.test_tasks=2")
 SHORT_IMAGES = (*SHORT, "task.meta_batch_size=2", "runner.backend=loop")  # no auto probe: it times CNN4 twice
 SHORT_TEXTS = SHORT_IMAGES
+SHORT_RL = (*SHORT, "task.meta_batch_size=2", "algorithm.inner_rollouts=2")
 
 
 def documented_commands() -> dict[str, str]:
@@ -97,6 +98,9 @@ CHECKS: dict[str, Check] = {
     "metalab-train task=kanji algorithm=maml algorithm.inner_lr=0.4 task.ways=20 task.shots=5":
         Check(extra=SHORT_IMAGES, runs=1, slow=True),
     "metalab-train task=omniglot task.root=/data/omniglot": Check("cfg", shows="root: /data/omniglot"),
+    "metalab-train task=pendulum algorithm=maml_trpo": Check(extra=SHORT_RL, runs=1, shows="post-adaptation return"),
+    "metalab-train task=nav2d algorithm=maml_trpo learner.test_curve_steps=3":
+        Check(extra=SHORT_RL, runs=1, shows="after 3 inner steps"),
     "metalab-train task=wordnet algorithm=protonet": Check(extra=SHORT_TEXTS, runs=1, shows="post-adaptation accuracy"),
     "metalab-train task=wordnet algorithm=fomaml algorithm.inner_lr=0.4 algorithm.inner_steps=5 model=transformer":
         Check(extra=SHORT_TEXTS, runs=1, slow=True),
