@@ -195,12 +195,16 @@ def test_every_algorithm_logs_the_same_metric_names(job, tmp_path, kanji_cache) 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("kanji").experiment_id])
     assert sorted(run.data.tags["metalab.algorithm"] for run in runs) == sorted(ALGORITHMS)
-    names = {run.data.tags["metalab.algorithm"]: {m for m in run.data.metrics if m.startswith(("meta_", "epoch"))}
+    names = {run.data.tags["metalab.algorithm"]: {m for m in run.data.metrics
+                                                  if m.startswith(("meta_", "pretrain/", "epoch"))}
              for run in runs}  # besides an algorithm's own (metasgd/*, maml_pp/*)
     for algorithm, logged in names.items():
-        phases = ("post",) if algorithm.startswith("proto") else ("pre", "post")  # no "before adaptation": the head
-        # of ProtoNet and Proto-MAML is built from the support set
-        expected = {"meta_train/loss", *(f"meta_{stage}/{when}_{kind}{ci}" for stage in ("val", "test")
-                                         for when in phases for kind in ("loss", "acc") for ci in ("", "_ci95"))}
+        # No "before adaptation" where the head is built from the support set (ProtoNet, Proto-MAML) or fitted on
+        # it (finetune); finetune's training is pre-training on labelled examples, not episodes.
+        phases = ("post",) if algorithm.startswith("proto") or algorithm == "finetune" else ("pre", "post")
+        training = ("pretrain/loss", "pretrain/acc") if algorithm == "finetune" else ("meta_train/loss",
+                                                                                       "meta_train/post_acc")
+        expected = {training[0], *(f"meta_{stage}/{when}_{kind}{ci}" for stage in ("val", "test")
+                                   for when in phases for kind in ("loss", "acc") for ci in ("", "_ci95"))}
         assert expected <= logged, (algorithm, expected - logged)
-        assert logged - expected == {"meta_train/post_acc", "epoch"}, (algorithm, logged - expected)
+        assert logged - expected == {training[1], "epoch"}, (algorithm, logged - expected)

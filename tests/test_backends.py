@@ -73,6 +73,8 @@ def test_every_declared_backend_gives_the_loops_meta_gradient(job, option: str, 
     reference = build_algorithm(job, option, copy.deepcopy(model))
     if problem not in reference.problems:
         pytest.skip(f"{option} does not learn {problem} tasks")
+    if not reference.episodic:
+        pytest.skip(f"{option} pre-trains on labelled examples: it has no meta-gradient (tests/test_finetune.py)")
     if backend == "threads" and not reference.thread_safe:
         with pytest.raises(ConfigError, match="tasks cannot run on threads at once"):
             TaskRunner("threads").check(reference)

@@ -165,6 +165,9 @@ def test_protonet_learns_wordnet_well_above_chance_and_mlflow_records_the_run(jo
     pytest.param("maml", ["algorithm.inner_lr=0.4", "algorithm.inner_steps=3"], id="maml", marks=pytest.mark.slow),
     pytest.param("protomaml", [], id="protomaml", marks=pytest.mark.slow),
     pytest.param("protonet", ["model=transformer"], id="protonet-transformer", marks=pytest.mark.slow),
+    pytest.param("finetune", ["algorithm.batch_size=32"], id="finetune"),  # pre-train on glosses, logistic head
+    pytest.param("finetune", ["algorithm.batch_size=32", "algorithm.pretrain_head=cosine", "algorithm.head=cosine"],
+                 id="finetune-baseline++", marks=pytest.mark.slow),
 ])
 def test_algorithms_learn_wordnet_unchanged(job, algorithm: str, overrides: list[str]) -> None:
     small = [setting for setting in SMALL_MODEL if "model=transformer" not in overrides or "task." in setting]

@@ -17,6 +17,7 @@ from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
 from metalab.models import ResNet12
 from metalab.tasks.base import TaskFamily
+from metalab.tasks.classification import ClassificationFamily, Pretraining
 from metalab.tasks.episodes import Inputs
 from metalab.tasks.texts import TextClassFamily
 
@@ -126,6 +127,18 @@ def check_algorithm_fits(algorithm: MetaAlgorithm, task: TaskFamily) -> None:
         raise ConfigError(f"task.train_ways={train_ways} differs from task.ways={task.ways}, but "
                           f"algorithm={choices.get('algorithm')} predicts with a head of one output per way: set "
                           "task.train_ways=null, or use a metric-based algorithm (algorithm=protonet)")
+
+
+def serve_examples(algorithm: MetaAlgorithm, task: TaskFamily) -> int:
+    """Have ``task`` serve a pre-training algorithm (``algorithm=finetune``: ``episodic`` false) mini-batches of its
+    training split's labelled examples; return the number of training classes. Only a family of labelled examples
+    (images, texts) has them."""
+    if not isinstance(task, ClassificationFamily):
+        choices = HydraConfig.get().runtime.choices
+        raise ConfigError(f"algorithm={choices.get('algorithm')} pre-trains a classifier on the labelled examples of "
+                          f"one family's training classes, and task={choices.get('task')} has none to serve: use an "
+                          "image or text family (task=kanji, omniglot, mini_imagenet, folder, glyphs, wordnet, ...)")
+    return task.serve_examples(Pretraining(algorithm.batch_size, algorithm.augment))
 
 
 def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearner) -> None:

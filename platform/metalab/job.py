@@ -24,7 +24,14 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from metalab._quiet import held_back_trainer_banner, quiet_lightning
 from metalab.checkpoints import AtomicCheckpointIO
-from metalab.checks import build_model, check_algorithm_fits, check_distributed, check_model_fits, require_accelerator
+from metalab.checks import (
+    build_model,
+    check_algorithm_fits,
+    check_distributed,
+    check_model_fits,
+    require_accelerator,
+    serve_examples,
+)
 from metalab.cuda_probe import cheap_cuda_check
 from metalab.errors import ConfigError
 from metalab.learner import MetaLearner
@@ -122,6 +129,8 @@ def build(cfg: DictConfig, seed: int) -> tuple[TaskFamily, MetaLearner]:
     check_model_fits(model, task)
     algorithm = instantiate(cfg.algorithm, model=model)
     check_algorithm_fits(algorithm, task)
+    if not algorithm.episodic:  # pre-train-then-fine-tune: meta-training is served labelled examples, and the
+        algorithm.bind(serve_examples(algorithm, task))  # algorithm classifies all their classes
     scheduler = instantiate(cfg.scheduler) if cfg.scheduler is not None else None
     learner = instantiate(cfg.learner, algorithm=algorithm, optimizer=instantiate(cfg.optimizer), problem=task.problem,
                           runner=instantiate(cfg.runner), scheduler=scheduler)
@@ -166,9 +175,12 @@ def header(cfg: DictConfig, learner: MetaLearner, trainer: pl.Trainer, tracking:
     the config groups' options, a resumed run's recorded ones; default: this command line's)."""
     choices = choices or HydraConfig.get().runtime.choices
     parameters = sum(p.numel() for p in learner.parameters() if p.requires_grad)
-    budget = " or ".join(([f"{trainer.max_steps} meta-iterations"] if trainer.max_steps > 0 else []) +
+    steps = "meta-iterations" if learner.algorithm.episodic else "pre-training steps"
+    budget = " or ".join(([f"{trainer.max_steps} {steps}"] if trainer.max_steps > 0 else []) +
                          ([f"max_time {cfg.trainer.max_time}"] if cfg.trainer.max_time else [])) or "no step limit"
-    backend = learner.runner.backend + (" (timed on the first steps)" if learner.runner.backend == "auto" else "")
+    backend = learner.runner.backend
+    if backend == "auto":  # pre-training has no episodes to time: evaluation then adapts task by task
+        backend += " (timed on the first steps)" if learner.algorithm.episodic else " (evaluation: loop)"
     print(f"metalab: {choices.get('algorithm')} on {choices.get('task')}, model {choices.get('model')} "
           f"({parameters:,} parameters)")
     print(f"  {budget} on {device(trainer)}, runner backend {backend}")

@@ -26,6 +26,7 @@ from metalab.tasks.base import Problem
 from metalab.tasks.episodes import Episodes, Task
 from metalab.tracking import records_figures, report
 
+PRETRAIN_LOSS = "pretrain/loss"  # a non-episodic algorithm's training loss (meta_train/loss for the others)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
@@ -93,6 +94,8 @@ class MetaLearner(pl.LightningModule):
         return Context(self.loss_fn, training=training, step=self.global_step)
 
     def training_step(self, tasks: Episodes, batch_idx: int) -> Tensor | None:
+        if not self.algorithm.episodic:  # stage 1 of pre-train-then-fine-tune: a batch of labelled examples
+            return self._pretraining_step(*tasks)
         context = self.context(training=True)
         if self.algorithm.owns_outer_step:  # it steps the optimiser itself: statistics first, from θ before it
             self._update_running_statistics(tasks)
@@ -116,6 +119,18 @@ class MetaLearner(pl.LightningModule):
             if self.reinforcement:  # outer_step's "predictions" are each task's post-adaptation return (T,)
                 self.log("meta_train/post_return", predictions.mean(), batch_size=len(tasks))
         return meta_loss * weight if self.automatic_optimization else None
+
+    def _pretraining_step(self, inputs: Any, labels: Tensor) -> Tensor:
+        """One step of a non-episodic algorithm's pre-training (``algorithm=finetune``): a classifier over all
+        training classes, its loss and accuracy logged as ``pretrain/loss`` and ``pretrain/acc``."""
+        logits, loss = self.algorithm.pretraining_loss(inputs, labels)
+        if not torch.isfinite(loss):
+            raise DivergenceError(f"pretrain/loss is {loss.item()} at step {self.global_step}: training diverged; "
+                                  f"lower optimizer.lr; {kept_checkpoint(self._trainer)}")
+        if self._writes_step_metrics():
+            self.log(PRETRAIN_LOSS, loss.detach(), batch_size=len(labels))
+            self.log("pretrain/acc", self._accuracy(logits.detach(), labels), batch_size=len(labels))
+        return loss
 
     def _update_running_statistics(self, tasks: Episodes) -> None:
         """One momentum step of the batch-norm running statistics from the meta-batch's first task, with the

@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks.progress.rich_progress import (
 from rich.progress import ProgressColumn, Task, TextColumn
 from rich.text import Text
 
-TRAIN_LOSS = "meta_train/loss"
+TRAIN_LOSSES = ("meta_train/loss", "pretrain/loss")  # the first one logged is shown (pretrain: algorithm=finetune)
 REDRAW_SECONDS = 0.1  # the training bar's count and metrics change at most 10 times a second
 VALIDATION_METRICS = ("meta_val/post_acc", "meta_val/post_loss")  # the first one logged is shown
 
@@ -66,7 +66,9 @@ class MetaProgressBar(RichProgressBar):
         return max_steps if max_steps > 0 else math.inf
 
     def _get_train_description(self, current_epoch: int) -> str:
-        return "meta-train"  # one endless epoch: its number says nothing
+        # One endless epoch: its number says nothing. A non-episodic algorithm (finetune) pre-trains.
+        algorithm = getattr(self.trainer.lightning_module, "algorithm", None)
+        return "meta-train" if getattr(algorithm, "episodic", True) else "pre-train"
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -91,8 +93,10 @@ class MetaProgressBar(RichProgressBar):
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         logged = trainer.callback_metrics
         shown: dict[str, Any] = {}
-        if TRAIN_LOSS in logged:
-            shown["train loss"] = logged[TRAIN_LOSS].item()
+        for name in TRAIN_LOSSES:
+            if name in logged:
+                shown["train loss"] = logged[name].item()
+                break
         for name in VALIDATION_METRICS:
             if name in logged:
                 shown[f"val {name.split('/')[1]}"] = logged[name].item()

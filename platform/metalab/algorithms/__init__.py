@@ -8,6 +8,7 @@ from metalab.algorithms.base import (
     MetaAlgorithm,
     TaskGradient,
 )
+from metalab.algorithms.finetune import FineTune
 from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.maml_pp import MAMLPlusPlus
@@ -23,6 +24,7 @@ __all__ = [
     "MAML",
     "MAMLTRPO",
     "Context",
+    "FineTune",
     "FitReport",
     "GradientBasedAlgorithm",
     "MAMLPlusPlus",

@@ -97,6 +97,7 @@ class MetaAlgorithm(nn.Module, ABC):
     thread_safe: bool = True  # False: adapting one task mutates shared state (e.g. torch.func.functional_call swaps
                               # the model's parameters while it runs), so tasks must not run on threads at once
     eval_batch_norm: BatchNormMode = "transductive"  # how evaluation normalises (module docstring)
+    episodic: bool = True  # False: meta-training is pre-training on labelled examples (``pretraining_loss``, finetune)
 
     @property
     @abstractmethod

@@ -8,15 +8,18 @@ family's :meth:`ClassificationFamily.serve` (images: floats in [0, 1]; texts: ``
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import learn2learn as l2l
+import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset, get_worker_info
 
 from metalab.errors import ConfigError
 from metalab.tasks.base import TaskFamily
@@ -56,6 +59,15 @@ class LabelledItems:
         return [name.rsplit("/", 1)[0] for name in self.class_names]
 
 
+@dataclass(frozen=True)
+class Pretraining:
+    """How an algorithm that pre-trains on labelled examples (``algorithm=finetune``) is served its training split:
+    ``batch_size`` examples a step, each epoch in a new order; ``augment``: images randomly cropped and flipped."""
+
+    batch_size: int
+    augment: bool = False
+
+
 class ClassificationFamily(TaskFamily):
     """Few-shot classification: each task draws ``ways`` classes of a split, ``shots`` support and
     ``queries`` query examples per class, labels remapped to 0..ways−1. ``train_ways``, ``train_shots`` and
@@ -82,6 +94,7 @@ class ClassificationFamily(TaskFamily):
 
     problem = "classification"
     examples = "examples"  # what a class holds, in messages ("images", "texts")
+    pretraining: Pretraining | None = None  # set (:meth:`serve_examples`) for an algorithm that pre-trains
 
     def __init__(self, *, ways: int = 5, shots: int = 1, queries: int = 15,
                  train_ways: int | None = None, train_shots: int | None = None, train_queries: int | None = None,
@@ -118,6 +131,31 @@ class ClassificationFamily(TaskFamily):
                 self.meta_dataset_sampler(split)
             else:
                 self.taskset(split)
+
+    def serve_examples(self, pretraining: Pretraining) -> int:
+        """Meta-training is served labelled examples of the training split (mini-batches of ``(inputs, labels)``,
+        labels over all its classes) instead of episodes, as ``pretraining`` says; return the number of classes."""
+        data = self._read_split("train")
+        if pretraining.batch_size > len(data.labels):
+            raise ConfigError(f"algorithm.batch_size={pretraining.batch_size} but the train split of {self.name} has "
+                              f"only {len(data.labels)} {self.examples}: lower algorithm.batch_size")
+        if pretraining.augment:
+            self.augmented(self.serve(data.items[torch.arange(1)]), torch.Generator())  # refused here, not mid-run
+        self.pretraining = pretraining
+        return len(data.class_names)
+
+    def augmented(self, inputs: Inputs, generator: torch.Generator) -> Inputs:
+        """``inputs`` (served) randomly transformed for pre-training (``algorithm.augment``); images only."""
+        raise ConfigError(f"algorithm.augment=true: task {self.name}'s {self.examples} have no augmentation: set "
+                          "algorithm.augment=false")
+
+    def train_dataloader(self) -> DataLoader:
+        if self.pretraining is None:
+            return super().train_dataloader()
+        start = self.trainer.global_step if self.trainer is not None else 0  # resumed: the same stream goes on
+        workers = self.sampling_workers
+        return DataLoader(_EndlessExampleBatches(self, self.seed, start), batch_size=None, num_workers=workers,
+                          prefetch_factor=2 if workers else None, persistent_workers=False)
 
     def meta_dataset_sampler(self, split: str) -> MetaDatasetSampler:
         """``split``'s Meta-Dataset sampler (``sampler=meta_dataset``), built on first use."""
@@ -255,3 +293,36 @@ class _StoredItems(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data.items[torch.tensor([index])][0], self.data.labels[index]
+
+
+class _EndlessExampleBatches(IterableDataset):
+    """Mini-batches of the training split's examples for pre-training: epoch ``e`` visits the examples in an order
+    drawn from (seed, e), in batches of ``batch_size`` (the last, short one dropped); batch ``i`` depends on
+    (seed, i) alone, so a resumed run goes on with the stream an uninterrupted one would have seen. Workers draw
+    batches ``w, w + n, ...`` as :class:`~metalab.tasks.base._EndlessMetaBatches` does."""
+
+    def __init__(self, family: ClassificationFamily, seed: int, start: int = 0) -> None:
+        self.family, self.seed, self.start = family, seed, start
+
+    def __iter__(self) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        family, pretraining = self.family, self.family.pretraining
+        data = family.load_split("train")
+        size = pretraining.batch_size
+        per_epoch = len(data.labels) // size
+        worker = get_worker_info()
+        offset, stride = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        epoch, order = None, torch.empty(0, dtype=torch.long)
+        for index in itertools.count(self.start + offset, stride):
+            if index // per_epoch != epoch:
+                epoch = index // per_epoch
+                order = torch.randperm(len(data.labels), generator=_generator(self.seed, 1, epoch))
+            chosen = order[index % per_epoch * size:(index % per_epoch + 1) * size]
+            inputs = family.serve(data.items[chosen])
+            if pretraining.augment:
+                inputs = family.augmented(inputs, _generator(self.seed, 2, index))
+            yield inputs, data.labels[chosen]
+
+
+def _generator(*entropy: int) -> torch.Generator:
+    state = np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & (2**63 - 1))

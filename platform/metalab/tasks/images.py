@@ -10,6 +10,7 @@ import torch
 from metalab.errors import ConfigError
 from metalab.tasks.classification import ClassificationFamily, ItemStore, LabelledItems
 
+PAD = 8  # pixels of zeros around an image before its random crop (RFS: RandomCrop(84, padding=8))
 ImageStore = ItemStore  # images decoded when drawn: ``store[indices]`` → uint8 (n, C, H, W)
 
 
@@ -43,3 +44,14 @@ class ImageClassFamily(ClassificationFamily):
         if images.shape[1] != self.channels:
             images = images.expand(-1, 3, -1, -1) if self.channels == 3 else images.mean(1, keepdim=True)
         return images
+
+    def augmented(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pre-training's augmentation (RFS's, without its colour jitter): each image (B, C, H, W) zero-padded by
+        ``PAD`` pixels, cropped back to H×W at a random offset, and flipped left–right with probability ½."""
+        count, _, height, width = inputs.shape
+        padded = torch.nn.functional.pad(inputs, (PAD, PAD, PAD, PAD))
+        rows, columns = torch.randint(0, 2 * PAD + 1, (2, count), generator=generator).tolist()
+        flips = (torch.rand(count, generator=generator) < 0.5).tolist()
+        crops = [padded[i, :, top:top + height, left:left + width] for i, (top, left) in enumerate(zip(rows, columns,
+                                                                                                         strict=True))]
+        return torch.stack([crop.flip(-1) if flip else crop for crop, flip in zip(crops, flips, strict=True)])
