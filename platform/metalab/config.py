@@ -93,6 +93,16 @@ class OptimizerConfig:
 
 
 @dataclass
+class SGDConfig(OptimizerConfig):
+    """``optimizer=sgd``: plain SGD (Reptile's outer step), or with heavy-ball momentum (RFS's pre-training)."""
+
+    _target_: str = "torch.optim.SGD"
+    lr: float = 1.0
+    momentum: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
 class ReproductionConfig:
     """What a paper published for an ``experiments/`` preset, and how a run of the preset is judged.
 
@@ -127,7 +137,7 @@ class MetalabConfig:
     runner: Any = field(default_factory=lambda: schema("metalab.runner.TaskRunner")())  # how tasks execute
     scheduler: Any = None  # scheduler=cosine|step: the outer learning rate's schedule, stepped per meta-iteration
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: Any = None  # optimizer=adam|sgd, each typed by its schema (OptimizerConfig, SGDConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: dict[str, Any] = field(default_factory=dict)  # Lightning callbacks by name, each with a _target_
     output_dir: str = "${hydra:runtime.output_dir}"  # the job's folder (a resumed run: the folder it began in)
@@ -314,6 +324,8 @@ def register_configs(root: Path | None = None) -> None:
     # (facebookresearch/hydra#2928: the repository no longer holds the store).
     store.__deepcopy__ = lambda memo: store
     store.store(name="metalab_schema", node=MetalabConfig)
+    store.store(group="optimizer", name="adam_schema", node=OptimizerConfig)  # hand-written: torch's signatures
+    store.store(group="optimizer", name="sgd_schema", node=SGDConfig)         # carry every option, used or not
     for preset in sorted(experiments_dir().glob("*.yaml")):
         store.store(group="experiment", name=preset.stem, node=OmegaConf.load(preset), package="_global_")
     for group in OBJECT_GROUPS:

@@ -39,12 +39,13 @@ class CosineClassifier(nn.Module):
     length learned apart; :func:`torch.nn.utils.parametrizations.weight_norm`, dim 0) and not normalised in the
     forward pass: a class's score is ``scale`` · its learned length · the cosine."""
 
-    def __init__(self, features: int, classes: int, scale: float, generator: torch.Generator | None = None) -> None:
+    def __init__(self, features: int, classes: int, scale: float | None = None,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         linear = (nn.Linear(features, classes, bias=False) if generator is None
                   else initialise(nn.utils.skip_init(nn.Linear, features, classes, bias=False), generator))
         self.linear = nn.utils.parametrizations.weight_norm(linear, dim=0)
-        self.scale = scale
+        self.scale = scale if scale is not None else 2.0 if classes <= 200 else 10.0  # None: Chen et al.'s rule
 
     def forward(self, x: Tensor) -> Tensor:  # (B, D) → (B, classes)
         return self.scale * self.linear(F.normalize(x, dim=1, eps=1e-5))
@@ -72,7 +73,8 @@ class FineTune(MetaAlgorithm):
         batch_size: stage 1's examples per step.
         augment: stage 1 sees augmented images (random crop after 8 px zero padding, horizontal flip), as RFS
             trains; not for characters (a flipped character is another one) or texts.
-        cosine_scale: the cosine classifiers' scale (Chen et al.: 2 for up to 200 classes, else 10).
+        cosine_scale: the cosine classifiers' scale; ``None``: Chen et al.'s rule, 2 for up to 200 classes, else 10
+            (their ``distLinear``: 10 "to handle >1000 output classes", e.g. Omniglot's or kanji's pre-training).
         head_epochs, head_batch_size, head_lr: the linear and cosine heads' SGD on the support set.
         logistic_c: the logistic regression's inverse L2 strength (scikit-learn's ``C``).
         eval_batch_norm: ``running`` (default: each example embedded alone with the running statistics, as a
@@ -85,8 +87,9 @@ class FineTune(MetaAlgorithm):
 
     def __init__(self, model: nn.Module, head: Literal["logistic", "linear", "cosine"] = "logistic",
                  pretrain_head: Literal["linear", "cosine"] = "linear", batch_size: int = 64,
-                 augment: bool = False, cosine_scale: float = 2.0, head_epochs: int = 100, head_batch_size: int = 4,
-                 head_lr: float = 0.01, logistic_c: float = 1.0, eval_batch_norm: BatchNormMode = "running") -> None:
+                 augment: bool = False, cosine_scale: float | None = None, head_epochs: int = 100,
+                 head_batch_size: int = 4, head_lr: float = 0.01, logistic_c: float = 1.0,
+                 eval_batch_norm: BatchNormMode = "running") -> None:
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"algorithm.head must be {', '.join(HEADS[:-1])} or {HEADS[-1]}, got {head!r}")
@@ -99,7 +102,7 @@ class FineTune(MetaAlgorithm):
             if value < 1:
                 raise ConfigError(f"algorithm.{key} must be >= 1, got {value}")
         for key, value in {"cosine_scale": cosine_scale, "head_lr": head_lr, "logistic_c": logistic_c}.items():
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise ConfigError(f"algorithm.{key} must be > 0, got {value}")
         if not isinstance(getattr(model, "head", None), nn.Linear) or not hasattr(model, "features"):
             raise ConfigError(f"algorithm=finetune needs a model with an embedding (model.features) and a linear head "
