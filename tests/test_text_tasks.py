@@ -165,6 +165,8 @@ def test_protonet_learns_wordnet_well_above_chance_and_mlflow_records_the_run(jo
     pytest.param("maml", ["algorithm.inner_lr=0.4", "algorithm.inner_steps=3"], id="maml", marks=pytest.mark.slow),
     pytest.param("protomaml", [], id="protomaml", marks=pytest.mark.slow),
     pytest.param("protonet", ["model=transformer"], id="protonet-transformer", marks=pytest.mark.slow),
+    pytest.param("metaoptnet", [], id="metaoptnet", marks=pytest.mark.slow),
+    pytest.param("r2d2", [], id="r2d2", marks=pytest.mark.slow),
 ])
 def test_algorithms_learn_wordnet_unchanged(job, algorithm: str, overrides: list[str]) -> None:
     small = [setting for setting in SMALL_MODEL if "model=transformer" not in overrides or "task." in setting]
