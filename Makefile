@@ -19,11 +19,13 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 setup: $(STAMP)
 
 # Re-run only when what defines the environment changes.
-$(STAMP): $(ROOT)/pyproject.toml $(ROOT)/requirements/lock.txt $(ROOT)/scripts/build_learn2learn.py
+$(STAMP): $(ROOT)/pyproject.toml $(ROOT)/requirements/lock.txt $(ROOT)/scripts/build_learn2learn.py \
+          $(ROOT)/scripts/build_qpth.py
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "metalab needs Python 3.11, found %d.%d: run `make PYTHON=python3.11 setup`" % v)'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r $(ROOT)/requirements/lock.txt
 	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python $(ROOT)/scripts/build_learn2learn.py $(CACHE))"
+	$(BIN)/python -m pip install --quiet --no-deps "$$($(BIN)/python $(ROOT)/scripts/build_qpth.py $(ROOT)/.cache/qpth)"
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --editable $(ROOT)
 	$(BIN)/python -m pip check
 	touch $(STAMP)
@@ -54,9 +56,10 @@ lock:
 	$(PYTHON) -m venv .cache/lock-venv
 	.cache/lock-venv/bin/python -m pip install --quiet Cython setuptools wheel hatchling
 	.cache/lock-venv/bin/python -m pip install --quiet "$$(.cache/lock-venv/bin/python scripts/build_learn2learn.py $(CACHE))"
+	.cache/lock-venv/bin/python -m pip install --quiet "$$(.cache/lock-venv/bin/python scripts/build_qpth.py .cache/qpth)"
 	.cache/lock-venv/bin/python -m pip install --quiet -e ".[dev]"
 	{ sed -n '1,2p' requirements/lock.txt; .cache/lock-venv/bin/python -m pip freeze --all \
-	  | grep -ivE '^(learn2learn|metalab|pip)[= ]|^-e '; } > requirements/lock.txt.new
+	  | grep -ivE '^(learn2learn|qpth|metalab|pip)[= ]|^-e '; } > requirements/lock.txt.new
 	mv requirements/lock.txt.new requirements/lock.txt
 	rm -rf .cache/lock-venv
 

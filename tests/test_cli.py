@@ -75,8 +75,8 @@ BAD_INPUTS = [
     (["task.shots=1.5"], "bad value for 'task.shots'"),
     (["seed=x"], "bad value for 'seed'"),
     (["algorithm=reptilian"],
-     "unknown algorithm 'reptilian': choose one of anil, finetune, fomaml, imaml, maml, maml_pp, maml_trpo, metasgd, "
-     "protomaml, protonet, reptile"),
+     "unknown algorithm 'reptilian': choose one of anil, finetune, fomaml, imaml, maml, maml_pp, maml_trpo, "
+     "metaoptnet, metasgd, protomaml, protonet, r2d2, reptile"),
     (["task=nope"], "unknown task 'nope'"),
     (["experiment=nope"], "unknown experiment 'nope': choose one of anil_miniimagenet_5w1s, "),
     (["algorithm=maml,fomaml"], "--multirun"),
@@ -118,8 +118,8 @@ BAD_INPUTS = [
     (["model=lstm"], "unknown model 'lstm': choose one of cnn4, gaussian_mlp, mlp, resnet12, text_cnn, transformer"),
     (["hydra.run.dir=/proc/metalab-out"], "cannot create the output folder /proc/metalab-out"),
     (["algorithm=maml_schema"], "algorithm=maml_schema is the schema of an option, not an option: choose one of "
-                                "anil, finetune, fomaml, imaml, maml, maml_pp, maml_trpo, metasgd, protomaml, "
-                                "protonet, reptile"),
+                                "anil, finetune, fomaml, imaml, maml, maml_pp, maml_trpo, metaoptnet, metasgd, "
+                                "protomaml, protonet, r2d2, reptile"),
     (["-m", "task=sinusoid,kanji_schema"], "task=kanji_schema is the schema of an option"),
     (["-m", "seed=0,1", "--cfg", "job"], "--cfg shows one job and cannot be combined with -m: drop -m"),
 ]
@@ -154,7 +154,7 @@ def test_help_names_metalab_train_and_lists_options_without_their_schemas(tmp_pa
     groups = dict(line.split(": ", 1) for line in result.stdout.split("== Config groups", 1)[1]
                   .split("== Config (key=value)")[0].splitlines()[1:] if ": " in line)
     assert groups["algorithm"].split(", ") == ["anil", "finetune", "fomaml", "imaml", "maml", "maml_pp", "maml_trpo",
-                                               "metasgd", "protomaml", "protonet", "reptile"]
+                                               "metaoptnet", "metasgd", "protomaml", "protonet", "r2d2", "reptile"]
     assert groups["model"] == "cnn4, gaussian_mlp, mlp, resnet12, text_cnn, transformer"
     assert groups["tracking"] == "mlflow, none"
     assert "maml_omniglot_5w1s" in groups["experiment"]

@@ -101,6 +101,13 @@ CHECKS: dict[str, Check] = {
     "metalab-train task=pendulum algorithm=maml_trpo": Check(extra=SHORT_RL, runs=1, shows="post-adaptation return"),
     "metalab-train task=nav2d algorithm=maml_trpo learner.test_curve_steps=3":
         Check(extra=SHORT_RL, runs=1, shows="after 3 inner steps"),
+    "metalab-train task=kanji algorithm=finetune": Check(extra=SHORT_IMAGES, runs=1, shows="post-adaptation accuracy"),
+    "metalab-train task=kanji algorithm=finetune algorithm.pretrain_head=cosine algorithm.head=cosine":
+        Check(extra=SHORT_IMAGES, runs=1, shows="pre-training steps"),
+    "metalab-train task=wordnet algorithm=finetune algorithm.head=linear":
+        Check(extra=(*SHORT_TEXTS, "algorithm.batch_size=16"), runs=1, slow=True),
+    "metalab reproduce finetune_kanji_5w1s": Check(extra=("--budget", "smoke"), runs=1, shows="plumbing ok",
+                                                    slow=True),
     "metalab-train task=wordnet algorithm=protonet": Check(extra=SHORT_TEXTS, runs=1, shows="post-adaptation accuracy"),
     "metalab-train task=wordnet algorithm=fomaml algorithm.inner_lr=0.4 algorithm.inner_steps=5 model=transformer":
         Check(extra=SHORT_TEXTS, runs=1, slow=True),

@@ -13,10 +13,11 @@ from torch import nn
 
 from metalab.algorithms import FineTune
 from metalab.algorithms.finetune import CosineClassifier
+from metalab.checks import serve_examples
 from metalab.errors import ConfigError
 from metalab.job import train
 from metalab.models import CNN4
-from metalab.tasks import WordNetGlosses
+from metalab.tasks import SinusoidRegression, WordNetGlosses
 from metalab.tasks.classification import Pretraining, _EndlessExampleBatches
 from metalab.tasks.episodes import Task
 from metalab.tasks.images import PAD, ImageClassFamily, LabelledImages
@@ -185,6 +186,12 @@ def test_bad_settings_are_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^algorithm=finetune needs a model with an embedding \(model.features\) "
                                           r"and a linear head \(model.head\), and Sequential has not"):
         FineTune(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_pretraining_needs_a_family_of_labelled_examples() -> None:
+    with pytest.raises(ConfigError, match=r"^algorithm=finetune pre-trains a classifier on the labelled examples of "
+                                          r"one family's training classes, and task sinusoid has none to serve"):
+        serve_examples(FineTune(Features()), SinusoidRegression())
 
 
 def test_finetune_refuses_a_family_without_labelled_examples(job) -> None:

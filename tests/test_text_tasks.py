@@ -168,6 +168,8 @@ def test_protonet_learns_wordnet_well_above_chance_and_mlflow_records_the_run(jo
     pytest.param("finetune", ["algorithm.batch_size=32"], id="finetune"),  # pre-train on glosses, logistic head
     pytest.param("finetune", ["algorithm.batch_size=32", "algorithm.pretrain_head=cosine", "algorithm.head=cosine"],
                  id="finetune-baseline++", marks=pytest.mark.slow),
+    pytest.param("metaoptnet", [], id="metaoptnet", marks=pytest.mark.slow),
+    pytest.param("r2d2", [], id="r2d2", marks=pytest.mark.slow),
 ])
 def test_algorithms_learn_wordnet_unchanged(job, algorithm: str, overrides: list[str]) -> None:
     small = [setting for setting in SMALL_MODEL if "model=transformer" not in overrides or "task." in setting]

@@ -134,10 +134,10 @@ def serve_examples(algorithm: MetaAlgorithm, task: TaskFamily) -> int:
     training split's labelled examples; return the number of training classes. Only a family of labelled examples
     (images, texts) has them."""
     if not isinstance(task, ClassificationFamily):
-        choices = HydraConfig.get().runtime.choices
-        raise ConfigError(f"algorithm={choices.get('algorithm')} pre-trains a classifier on the labelled examples of "
-                          f"one family's training classes, and task={choices.get('task')} has none to serve: use an "
-                          "image or text family (task=kanji, omniglot, mini_imagenet, folder, glyphs, wordnet, ...)")
+        name = HydraConfig.get().runtime.choices.get("algorithm") if HydraConfig.initialized() else "finetune"
+        raise ConfigError(f"algorithm={name} pre-trains a classifier on the labelled examples of one family's "
+                          f"training classes, and task {task.name} has none to serve: use an image or text family "
+                          "(task=kanji, omniglot, mini_imagenet, folder, glyphs, wordnet, ...)")
     return task.serve_examples(Pretraining(algorithm.batch_size, algorithm.augment))
 
 

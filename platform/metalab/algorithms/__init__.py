@@ -13,9 +13,11 @@ from metalab.algorithms.imaml import IMAML
 from metalab.algorithms.maml import MAML
 from metalab.algorithms.maml_pp import MAMLPlusPlus
 from metalab.algorithms.maml_trpo import MAMLTRPO
+from metalab.algorithms.metaoptnet import MetaOptNet
 from metalab.algorithms.metasgd import MetaSGD
 from metalab.algorithms.protomaml import ProtoMAML
 from metalab.algorithms.protonet import ProtoNet
+from metalab.algorithms.r2d2 import R2D2
 from metalab.algorithms.reptile import Reptile
 
 __all__ = [
@@ -23,12 +25,14 @@ __all__ = [
     "IMAML",
     "MAML",
     "MAMLTRPO",
+    "R2D2",
     "Context",
     "FineTune",
     "FitReport",
     "GradientBasedAlgorithm",
     "MAMLPlusPlus",
     "MetaAlgorithm",
+    "MetaOptNet",
     "MetaSGD",
     "ProtoMAML",
     "ProtoNet",
