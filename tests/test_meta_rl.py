@@ -5,22 +5,27 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
 
 from metalab.algorithms import MAMLTRPO
 from metalab.algorithms.policy_gradient import advantages, repeated, sample_rollouts
+from metalab.config import config_dir
 from metalab.errors import ConfigError
 from metalab.job import build, train
 from metalab.models import GaussianMLPPolicy
 from metalab.tasks import Nav2D, Pendulum
 from metalab.tasks.environments import Environment, EnvironmentTasks
+from tests.conftest import run_cli
 
 
 @pytest.fixture
@@ -190,3 +195,43 @@ def test_a_short_maml_trpo_run_on_pendulum_adapts_and_is_recorded(job, tmp_path,
     assert "meta_val/post_return" in logged
     assert len(client.get_metric_history(run.info.run_id, "meta_train/post_return")) == 4
     assert math.isfinite(logged["meta_train/loss"])
+
+
+RL_TASKS = ["nav2d", "pendulum"]
+
+
+def searched(*overrides: str) -> DictConfig:
+    """The config an Optuna search (hparams_search=maml_optuna) composes, its ``hydra`` node resolved."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=["hparams_search=maml_optuna", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize(("overrides", "objective", "direction"), [
+    *[([f"task={task}", "algorithm=maml_trpo"], "meta_val/post_return", "maximize") for task in RL_TASKS],
+    ([], "meta_val/post_loss", "minimize"),  # sinusoid regression: the loss, as before
+    (["task=kanji", "objective=meta_val/post_acc"], "meta_val/post_acc", "maximize"),
+    (["task=nav2d", "algorithm=maml_trpo", "objective=meta_val/pre_return"], "meta_val/pre_return", "maximize"),
+    (["task=nav2d", "algorithm=maml_trpo", "hydra.sweeper.direction=minimize"], "meta_val/post_return", "minimize"),
+])
+def test_a_search_on_an_rl_task_maximises_the_post_adaptation_return(overrides: list[str], objective: str,
+                                                                      direction: str) -> None:
+    """RL tasks set objective=meta_val/post_return; the search's direction follows the objective's name unless
+    the command line sets it."""
+    cfg = searched(*overrides)
+    assert (cfg.objective, cfg.hydra.sweeper.direction) == (objective, direction)
+
+
+def test_an_optuna_search_on_nav2d_ranks_trials_by_their_highest_return(tmp_path: Path) -> None:
+    """A real two-trial search of two-step runs (~15 s): the sweeper maximises, the parent records the best return."""
+    result = run_cli(["hparams_search=maml_optuna", "hydra.sweeper.n_trials=2", "algorithm=maml_trpo", "task=nav2d",
+                      "trainer.max_steps=2", "task.meta_batch_size=2", "algorithm.inner_rollouts=2",
+                      "task.val_tasks=2", "task.test_tasks=2", "model.hidden_sizes=[8]", "callbacks=none",
+                      "trainer.enable_checkpointing=false"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "Directions: ['maximize']" in result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    [parent] = [run for run in runs if run.data.tags.get("metalab.sweep_parent") == "true"]
+    returns = [run.data.metrics["meta_val/post_return"] for run in runs if run is not parent]
+    assert len(returns) == 2 and returns[0] != returns[1]
+    assert parent.data.metrics["sweep/best_value"] == pytest.approx(max(returns))

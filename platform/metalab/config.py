@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import inspect
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -132,7 +133,9 @@ class MetalabConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)  # Lightning callbacks by name, each with a _target_
     output_dir: str = "${hydra:runtime.output_dir}"  # the job's folder (a resumed run: the folder it began in)
     seed: int = 0
-    objective: str = "meta_val/post_loss"  # what a sweeper optimises (the last validation's value)
+    # What a sweeper optimises (the last validation's value); reinforcement-learning tasks choose
+    # meta_val/post_return (conf/task/objective/post_return.yaml), and a search's direction follows it.
+    objective: str = "meta_val/post_loss"
     resume: str | None = None  # an MLflow run id: continue it from its last checkpoint; "auto": the run this
     # job's output folder began, if any (a requeued SLURM job restarts there)
     resume_allow: list[str] = field(default_factory=lambda: list(DEFAULT_RESUME_ALLOW))  # what a resume may change
@@ -307,6 +310,7 @@ def register_configs(root: Path | None = None) -> None:
     reproductions of ``experiments/`` as options of the ``experiment`` group."""
     root = root or config_dir()
     OmegaConf.register_new_resolver("metalab_config_groups", config_groups_help, replace=True)
+    OmegaConf.register_new_resolver("metalab_direction", sweep_direction, replace=True)
     store = ConfigStore.instance()
     # Hydra deep-copies its config repository, and with it this store (every schema and preset, ~0.07 s), each
     # time it lists a group's options: 160 copies for `--help`. The store is a process-wide singleton whose
@@ -323,6 +327,18 @@ def register_configs(root: Path | None = None) -> None:
                 store.store(group=group, name=f"{option.stem}_schema", node=schema(target))
     if _SCHEMAS is not None:
         _SCHEMAS.save()
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better: accuracies and returns (``meta_val/post_acc``,
+    ``meta_test/post_return_step2``), not losses."""
+    return re.search(r"_(acc|return)(_step\d+)?$", metric) is not None
+
+
+def sweep_direction(objective: str) -> str:
+    """What a search does with ``objective`` (``hydra.sweeper.direction: ${metalab_direction:${objective}}``):
+    ``maximize`` an accuracy or a return, ``minimize`` anything else (a loss)."""
+    return "maximize" if higher_is_better(objective) else "minimize"
 
 
 def config_groups_help() -> str:
