@@ -19,6 +19,8 @@ from torch.func import functional_call
 
 from metalab.algorithms import MAMLTRPO
 from metalab.algorithms.policy_gradient import advantages, repeated, sample_rollouts
+from metalab.cli import main
+from metalab.compare import compare
 from metalab.config import config_dir
 from metalab.errors import ConfigError
 from metalab.job import build, train
@@ -235,3 +237,35 @@ def test_an_optuna_search_on_nav2d_ranks_trials_by_their_highest_return(tmp_path
     returns = [run.data.metrics["meta_val/post_return"] for run in runs if run is not parent]
     assert len(returns) == 2 and returns[0] != returns[1]
     assert parent.data.metrics["sweep/best_value"] == pytest.approx(max(returns))
+
+
+TINY_NAV2D = ["algorithm=maml_trpo", "task=nav2d", "trainer.max_steps=2", "trainer.val_check_interval=2",
+              "trainer.log_every_n_steps=1", "task.meta_batch_size=2", "algorithm.inner_rollouts=4",
+              "task.val_tasks=4", "task.test_tasks=4", "model.hidden_sizes=[16]"]
+
+
+def test_compare_tables_rl_runs_by_their_return_and_marks_the_highest_best(job, tmp_path: Path, capsys,
+                                                                          one_thread: None) -> None:
+    """Two real nav2d runs differing in inner_lr; `metalab compare --metric meta_test/post_return` (also the default
+    for RL runs) tables each one's return, and the best cell is the highest (the least negative) return."""
+    for inner_lr in (0.01, 0.5):
+        train(job(*TINY_NAV2D, f"algorithm.inner_lr={inner_lr}", "callbacks=none",
+                  "trainer.enable_checkpointing=false"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    capsys.readouterr()  # the runs' own output
+    main(["compare", "--tracking-uri", uri, "--metric", "meta_test/post_return", "--rows", "algorithm.inner_lr",
+          "--out", str(tmp_path / "report")])
+    printed = capsys.readouterr().out
+    client = MlflowClient(uri)
+    returns = {run.data.params["algorithm.inner_lr"]: run.data.metrics["meta_test/post_return"]
+               for run in client.search_runs([client.get_experiment_by_name("nav2d").experiment_id])}
+    assert len(returns) == 2 and all(value < 0 for value in returns.values())  # minus distances: negative
+    best = max(returns, key=returns.get)
+    for inner_lr, value in returns.items():
+        shown = f"{value:.4f} (n=1)"
+        assert (f"| {inner_lr} | **{shown}** |" if inner_lr == best else f"| {inner_lr} | {shown} |") in printed
+    assert printed.startswith("meta_test/post_return: mean ± 95% CI")
+    default = compare(uri, rows="algorithm.inner_lr", out=tmp_path / "default")
+    assert default.metric == "meta_test/post_return"
+    assert default.table.set_index("row")["best"].to_dict() == {lr: lr == best for lr in returns}
+    assert {row for row, _ in default.curves} == set(returns)  # learning_curves.png: meta_val/post_return per run
