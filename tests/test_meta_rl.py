@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from torch import Tensor
@@ -23,6 +24,7 @@ from metalab.cli import main
 from metalab.compare import compare
 from metalab.config import config_dir
 from metalab.errors import ConfigError
+from metalab.figures import VALIDATION_CURVE, validation_curve
 from metalab.job import build, train
 from metalab.models import GaussianMLPPolicy
 from metalab.tasks import Nav2D, Pendulum
@@ -269,3 +271,34 @@ def test_compare_tables_rl_runs_by_their_return_and_marks_the_highest_best(job, 
     assert default.metric == "meta_test/post_return"
     assert default.table.set_index("row")["best"].to_dict() == {lr: lr == best for lr in returns}
     assert {row for row, _ in default.curves} == set(returns)  # learning_curves.png: meta_val/post_return per run
+
+
+def test_an_rl_run_records_its_learning_curve_figure_with_every_validation(job, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          one_thread: None) -> None:
+    """figures/validation_curve.png of a 4-step nav2d run validated at steps 2 and 4 (0-based: 1, 3): a return panel
+    whose lines are the logged meta_val/post_return and pre_return, with their 95% CI bands."""
+    drawn: list[Figure] = []
+
+    def keep(history: dict[str, dict[int, float]]) -> Figure | None:
+        figure = validation_curve(history)
+        drawn.append(figure)
+        return figure
+
+    monkeypatch.setattr("metalab.tracking.pending.validation_curve", keep)
+    train(job(*TINY_NAV2D, "trainer.max_steps=4", "callbacks=none", "trainer.enable_checkpointing=false"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("nav2d").experiment_id])
+    [artifact] = client.list_artifacts(run.info.run_id, "figures")
+    assert artifact.path == VALIDATION_CURVE and artifact.file_size > 5_000
+    png = Path(client.download_artifacts(run.info.run_id, VALIDATION_CURVE, str(tmp_path / "downloaded")))
+    assert png.read_bytes().startswith(b"\x89PNG")
+    [axes] = drawn[-1].axes
+    assert axes.get_ylabel() == "mean episode return"
+    lines = {line.get_label(): line for line in axes.lines}
+    assert list(lines) == ["after adaptation", "before adaptation"] and len(axes.collections) == 2  # CI bands
+    for label, name in (("after adaptation", "post_return"), ("before adaptation", "pre_return")):
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"meta_val/{name}")}
+        assert sorted(logged) == [1, 3], name
+        assert list(lines[label].get_xdata()) == [1, 3]
+        assert list(lines[label].get_ydata()) == pytest.approx([logged[1], logged[3]], rel=1e-6), name
