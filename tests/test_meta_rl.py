@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
@@ -27,9 +32,10 @@ from metalab.errors import ConfigError
 from metalab.figures import VALIDATION_CURVE, validation_curve
 from metalab.job import build, train
 from metalab.models import GaussianMLPPolicy
+from metalab.reliability import Terminated
 from metalab.tasks import Nav2D, Pendulum
 from metalab.tasks.environments import Environment, EnvironmentTasks
-from tests.conftest import run_cli
+from tests.conftest import compose_job, run_cli
 
 
 @pytest.fixture
@@ -302,3 +308,56 @@ def test_an_rl_run_records_its_learning_curve_figure_with_every_validation(job, 
         assert sorted(logged) == [1, 3], name
         assert list(lines[label].get_xdata()) == [1, 3]
         assert list(lines[label].get_ydata()) == pytest.approx([logged[1], logged[3]], rel=1e-6), name
+
+
+class SigtermAfterStep(Callback):
+    """Sends this process a real SIGTERM (what SLURM's preemption sends) once meta-iteration ``step`` is done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stopped_maml_trpo_run_resumes_into_its_mlflow_run_and_matches_an_uninterrupted_one(
+        tmp_path: Path, one_thread: None) -> None:
+    """TRPO owns the outer step (manual optimisation): the resumed run counts every meta-iteration once, from the
+    checkpoint's step, draws the same training tasks and rollouts, and ends with the uninterrupted run's metrics
+    and weights."""
+    common = [*TINY_NAV2D, "trainer.max_steps=6", "trainer.val_check_interval=3", "seed=5"]
+    reference_uri = f"sqlite:///{tmp_path}/reference.db"
+    train(compose_job(tmp_path / "reference", [*common, f"tracking.tracking_uri={reference_uri}"]))
+    store = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    checkpoint = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    with pytest.raises(Terminated, match=rf"^SIGTERM at step 4 .*: checkpoint {re.escape(str(checkpoint))}; "):
+        train(compose_job(tmp_path / "job", [*common, *store, "+callbacks.sigterm._target_=tests.test_meta_rl."
+                                             "SigtermAfterStep", "+callbacks.sigterm.step=4"]))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("nav2d").experiment_id])
+    assert run.info.status == "KILLED"
+    stopped = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert stopped["global_step"] == 4
+    # TRPO's line search writes the step; the optimiser only counts it (every .grad None): it holds no state, so the
+    # weights and the step are all a resume needs.
+    [optimizer_state] = stopped["optimizer_states"]
+    assert optimizer_state["state"] == {}
+    train(compose_job(tmp_path / "job", [*common, *store, f"resume={run.info.run_id}"]))
+
+    reference = MlflowClient(reference_uri)
+    [uninterrupted] = reference.search_runs([reference.get_experiment_by_name("nav2d").experiment_id])
+    for name in ("meta_train/loss", "meta_train/post_return", "meta_val/post_return", "meta_val/pre_return",
+                 "meta_test/post_return", "meta_test/pre_return"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        expected = sorted((m.step, m.value) for m in reference.get_metric_history(uninterrupted.info.run_id, name))
+        assert [step for step, _ in history] == [step for step, _ in expected], name  # each step once
+        assert [value for _, value in history] == pytest.approx([value for _, value in expected], rel=1e-6), name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "meta_train/loss")] == list(range(6))
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    final = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    [reference_checkpoint] = (tmp_path / "reference" / "checkpoints").glob("last.ckpt")
+    expected = torch.load(reference_checkpoint, map_location="cpu", weights_only=False)
+    assert final["global_step"] == expected["global_step"] == 6
+    for name, value in expected["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], value, rtol=1e-6, atol=0, msg=name)
