@@ -6,6 +6,7 @@ import math
 import os
 import re
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,13 @@ from metalab.algorithms.policy_gradient import advantages, repeated, sample_roll
 from metalab.cli import main
 from metalab.compare import compare
 from metalab.config import config_dir
-from metalab.errors import ConfigError
+from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, SimulatorMissingError
 from metalab.figures import VALIDATION_CURVE, validation_curve
 from metalab.job import build, train
 from metalab.models import GaussianMLPPolicy
 from metalab.reliability import Terminated
-from metalab.tasks import Nav2D, Pendulum
+from metalab.tasks import CheetahDirection, CheetahVelocity, Nav2D, Pendulum
+from metalab.tasks.cheetah import half_cheetah
 from metalab.tasks.environments import Environment, EnvironmentTasks
 from tests.conftest import compose_job, run_cli
 
@@ -207,7 +209,7 @@ def test_a_short_maml_trpo_run_on_pendulum_adapts_and_is_recorded(job, tmp_path,
     assert math.isfinite(logged["meta_train/loss"])
 
 
-RL_TASKS = ["nav2d", "pendulum"]
+RL_TASKS = ["nav2d", "pendulum", "cheetah_vel", "cheetah_dir"]
 
 
 def searched(*overrides: str) -> DictConfig:
@@ -361,3 +363,95 @@ def test_a_stopped_maml_trpo_run_resumes_into_its_mlflow_run_and_matches_an_unin
     assert final["global_step"] == expected["global_step"] == 6
     for name, value in expected["state_dict"].items():
         torch.testing.assert_close(final["state_dict"][name], value, rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.fixture
+def mujoco_checked() -> Iterator[None]:
+    """MuJoCo's start-up check runs afresh in the test (it is cached once a process) and after it."""
+    half_cheetah.cache_clear()
+    yield
+    half_cheetah.cache_clear()
+
+
+@pytest.mark.parametrize("family", [CheetahVelocity, CheetahDirection])
+def test_cheetah_rewards_are_the_maml_code_s_from_the_forward_velocity(family: type) -> None:
+    """One step of two half-cheetahs, actions partly outside [-1, 1]: the reward is −|v − v*| − 0.05‖clip(a)‖²
+    (goal velocity) or d·v − 0.05‖clip(a)‖² (direction), v the root's x displacement over dt read off MuJoCo's state."""
+    tasks = family().sample(2, torch.Generator().manual_seed(0), "train")
+    envs = tasks.environment.vector(tasks.parameters, [3, 4])
+    envs.reset()
+    actions = torch.tensor([[0.5, -2.0, 1.0, 0.3, 3.0, -0.7], [-1.5, 0.2, 0.9, -0.4, 0.1, 2.5]])
+    for _ in range(5):  # get moving: the first steps from rest are slow
+        before = np.array([env.unwrapped.data.qpos[0] for env in envs.envs.envs])
+        _, rewards = envs.step(actions)
+    after = np.array([env.unwrapped.data.qpos[0] for env in envs.envs.envs])
+    velocity = (after - before) / envs.envs.envs[0].unwrapped.dt  # dt = 5 frames of 0.01 s
+    control = 0.05 * (actions.clamp(-1, 1) ** 2).sum(1).numpy()
+    goal = tasks.parameters[:, 0].numpy()
+    expected = -np.abs(velocity - goal) - control if family is CheetahVelocity else goal * velocity - control
+    np.testing.assert_allclose(rewards.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(velocity).min() > 0.05  # the check is not vacuous: the cheetahs move
+    v5_reward = velocity - 0.1 * (actions.numpy() ** 2).sum(1)  # HalfCheetah-v5's own reward, not the one used
+    assert np.abs(rewards.numpy() - v5_reward).min() > 1e-3
+
+
+def test_cheetah_tasks_draw_their_goals_and_seed_their_episodes() -> None:
+    velocities = CheetahVelocity().sample(50, torch.Generator().manual_seed(0), "train").parameters
+    assert velocities.shape == (50, 1) and 0 <= velocities.min() and velocities.max() <= 2
+    assert velocities.std() > 0.4  # spread over [0, 2] (a uniform's std: 0.58)
+    directions = CheetahDirection().sample(50, torch.Generator().manual_seed(0), "train").parameters
+    assert set(directions.flatten().tolist()) == {-1.0, 1.0}
+    family = CheetahDirection(horizon=20)
+    tasks = family.sample(2, torch.Generator().manual_seed(1), "train")
+    again = family.sample(2, torch.Generator().manual_seed(1), "train")
+    assert torch.equal(tasks.parameters, again.parameters) and torch.equal(tasks.seeds, again.seeds)
+    policy = GaussianMLPPolicy(17, 6, hidden_sizes=(8,))
+    first, second, other = (sample_rollouts(family.environment, tasks.parameters, tasks.seeds, draw, policy, 3)
+                            for draw in (0, 0, 1))
+    assert first.rewards.shape == (2, 3, 20) and first.observations.dtype == torch.float32
+    assert torch.equal(first.observations, second.observations) and torch.equal(first.rewards, second.rewards)
+    assert not torch.equal(first.observations[:, :, 0], other.observations[:, :, 0])  # another draw: other starts
+    starts = first.observations[0, :, 0]  # (K, O): each episode its own initial state
+    assert not torch.equal(starts[0], starts[1])
+
+
+@pytest.mark.parametrize("family", [CheetahVelocity, CheetahDirection])
+def test_without_mujoco_a_cheetah_family_is_not_built_and_says_so_in_one_line(family: type,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             mujoco_checked: None) -> None:
+    monkeypatch.setitem(sys.modules, "mujoco", None)  # `import mujoco` raises ModuleNotFoundError
+    tasks = family()  # built (its config is fine); preparing it, at the run's start, checks MuJoCo
+    with pytest.raises(SimulatorMissingError) as error:
+        tasks.prepare()
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"the half-cheetah tasks need MuJoCo \(Gymnasium's HalfCheetah-v5\), which cannot start "
+                        r"here: ModuleNotFoundError: import of mujoco halted.*; "
+                        r"install it with \.venv/bin/pip install mujoco==4\.0\.0 "
+                        r"\(pinned in requirements/lock\.txt\), or choose task=nav2d or task=pendulum", message)
+
+
+def test_without_mujoco_metalab_train_exits_3_with_the_line(tmp_path: Path) -> None:
+    """A MuJoCo whose import fails (its shared library missing), first on the path of a real `metalab-train`."""
+    (tmp_path / "broken" / "mujoco").mkdir(parents=True)
+    (tmp_path / "broken" / "mujoco" / "__init__.py").write_text(
+        'raise ImportError("libmujoco.so.4.0.0: cannot open shared object file")\n')
+    path = os.pathsep.join([str(tmp_path / "broken"), os.environ.get("PYTHONPATH", "")])
+    result = run_cli(["task=cheetah_dir", "algorithm=maml_trpo", "tracking=none"], cwd=tmp_path,
+                     env={"PYTHONPATH": path})
+    assert result.returncode == DATA_MISSING_EXIT_CODE == 3
+    assert result.stderr.splitlines() == [
+        "metalab: error: the half-cheetah tasks need MuJoCo (Gymnasium's HalfCheetah-v5), which cannot start here: "
+        "ImportError: libmujoco.so.4.0.0: cannot open shared object file; install it with .venv/bin/pip install "
+        "mujoco==4.0.0 (pinned in requirements/lock.txt), or choose task=nav2d or task=pendulum"]
+
+
+@pytest.mark.parametrize("task", ["cheetah_vel", "cheetah_dir"])
+def test_a_short_maml_trpo_run_on_a_cheetah_task_is_recorded(job, tmp_path: Path, task: str,
+                                                              one_thread: None) -> None:
+    metrics = train(job("algorithm=maml_trpo", f"task={task}", "trainer.max_steps=2", "task.meta_batch_size=2",
+                        "algorithm.inner_rollouts=2", "task.horizon=20", "task.val_tasks=2", "task.test_tasks=2",
+                        "model.hidden_sizes=[16]", "callbacks=none", "trainer.enable_checkpointing=false"))
+    for name in ("pre_return", "post_return"):
+        assert math.isfinite(metrics[f"meta_test/{name}"]) and metrics[f"meta_test/{name}_ci95"] > 0, name
+    assert not list(tmp_path.glob("**/MUJOCO_LOG.TXT")) and not Path("MUJOCO_LOG.TXT").exists()
