@@ -97,9 +97,10 @@ class OptimizerConfig:
 class ReproductionConfig:
     """What a paper published for an ``experiments/`` preset, and how a run of the preset is judged.
 
-    ``metric`` of the run, times ``scale``, is in the published unit (accuracy 0.987 × 100 = 98.7 %). The
-    run is *within tolerance* when it differs from ``published`` by at most ``tolerance``, else *below* or
-    *above*. ``published: null`` marks a row without a published number (our own reference data).
+    ``metric`` of the run, times ``scale``, is in the published unit (accuracy 0.987 × 100 = 98.7 %; a return:
+    ``scale: 1``). The run is *within tolerance* when it differs from ``published`` by at most ``tolerance``, else
+    *below* or *above* (for a loss, *below* is better). ``published: null`` marks a row without a published number
+    (our own reference data).
     """
 
     source: str = OMEGACONF_MISSING  # authors, venue, table: where the number is printed
@@ -115,6 +116,10 @@ class ReproductionConfig:
     # Multi-source presets (Meta-Dataset): per source [published, ± 95% CI], each judged on its own row against
     # the run's <metric's stage>/<source>/<name> (meta_test/omniglot/post_acc); a source without it is "no data".
     sources: dict[str, list[float]] = field(default_factory=dict)
+    # Further numbers of the same run, each judged on a row of its own, NAME/<the metric's last part>:
+    # {metric: [published, tolerance]}, e.g. a figure's value before adaptation {meta_test/pre_return: [-130, 20]};
+    # published null: no number (yet) to judge it by.
+    also: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 @dataclass
