@@ -156,6 +156,7 @@ def test_help_names_metalab_train_and_lists_options_without_their_schemas(tmp_pa
     assert groups["algorithm"].split(", ") == ["anil", "finetune", "fomaml", "imaml", "maml", "maml_pp", "maml_trpo",
                                                "metaoptnet", "metasgd", "protomaml", "protonet", "r2d2", "reptile"]
     assert groups["model"] == "cnn4, gaussian_mlp, mlp, resnet12, text_cnn, transformer"
+    assert {"sinusoid", "kanji", "nav2d", "pendulum", "cheetah_vel", "cheetah_dir"} <= set(groups["task"].split(", "))
     assert groups["tracking"] == "mlflow, none"
     assert "maml_omniglot_5w1s" in groups["experiment"]
     assert "_schema" not in result.stdout and "powered by Hydra" not in result.stdout

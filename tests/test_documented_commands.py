@@ -108,6 +108,15 @@ CHECKS: dict[str, Check] = {
         Check(extra=(*SHORT_TEXTS, "algorithm.batch_size=16"), runs=1, slow=True),
     "metalab reproduce finetune_kanji_5w1s": Check(extra=("--budget", "smoke"), runs=1, shows="plumbing ok",
                                                     slow=True),
+    "metalab-train task=cheetah_vel algorithm=maml_trpo":
+        Check(extra=(*SHORT_RL, "task.horizon=20"), runs=1, shows="post-adaptation return"),
+    # Two processes' start-ups each (~30 s): in `make test` tests/test_reproduce.py and test_meta_rl.py run the same
+    # judging and comparing in-process.
+    "metalab reproduce maml_trpo_cheetah_dir --budget smoke":
+        Check(runs=1, shows="| maml_trpo_cheetah_dir/pre_return |", slow=True),
+    "metalab compare --metric meta_test/post_return":
+        Check(before=("metalab-train task=nav2d algorithm=maml_trpo learner.test_curve_steps=3",), runs=1,
+              shows="meta_test/post_return: mean ± 95% CI", slow=True),
     "metalab-train task=wordnet algorithm=protonet": Check(extra=SHORT_TEXTS, runs=1, shows="post-adaptation accuracy"),
     "metalab-train task=wordnet algorithm=fomaml algorithm.inner_lr=0.4 algorithm.inner_steps=5 model=transformer":
         Check(extra=SHORT_TEXTS, runs=1, slow=True),

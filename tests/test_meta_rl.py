@@ -3,24 +3,41 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
+from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from torch.distributions import Normal, kl_divergence
 from torch.func import functional_call
 
 from metalab.algorithms import MAMLTRPO
 from metalab.algorithms.policy_gradient import advantages, repeated, sample_rollouts
-from metalab.errors import ConfigError
+from metalab.cli import main
+from metalab.compare import compare
+from metalab.config import config_dir
+from metalab.errors import DATA_MISSING_EXIT_CODE, ConfigError, SimulatorMissingError
+from metalab.figures import VALIDATION_CURVE, validation_curve
 from metalab.job import build, train
 from metalab.models import GaussianMLPPolicy
-from metalab.tasks import Nav2D, Pendulum
+from metalab.reliability import Terminated
+from metalab.tasks import CheetahDirection, CheetahVelocity, Nav2D, Pendulum
+from metalab.tasks.cheetah import half_cheetah
 from metalab.tasks.environments import Environment, EnvironmentTasks
+from tests.conftest import compose_job, run_cli
 
 
 @pytest.fixture
@@ -190,3 +207,251 @@ def test_a_short_maml_trpo_run_on_pendulum_adapts_and_is_recorded(job, tmp_path,
     assert "meta_val/post_return" in logged
     assert len(client.get_metric_history(run.info.run_id, "meta_train/post_return")) == 4
     assert math.isfinite(logged["meta_train/loss"])
+
+
+RL_TASKS = ["nav2d", "pendulum", "cheetah_vel", "cheetah_dir"]
+
+
+def searched(*overrides: str) -> DictConfig:
+    """The config an Optuna search (hparams_search=maml_optuna) composes, its ``hydra`` node resolved."""
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=["hparams_search=maml_optuna", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize(("overrides", "objective", "direction"), [
+    *[([f"task={task}", "algorithm=maml_trpo"], "meta_val/post_return", "maximize") for task in RL_TASKS],
+    ([], "meta_val/post_loss", "minimize"),  # sinusoid regression: the loss, as before
+    (["task=kanji", "objective=meta_val/post_acc"], "meta_val/post_acc", "maximize"),
+    (["task=nav2d", "algorithm=maml_trpo", "objective=meta_val/pre_return"], "meta_val/pre_return", "maximize"),
+    (["task=nav2d", "algorithm=maml_trpo", "hydra.sweeper.direction=minimize"], "meta_val/post_return", "minimize"),
+])
+def test_a_search_on_an_rl_task_maximises_the_post_adaptation_return(overrides: list[str], objective: str,
+                                                                      direction: str) -> None:
+    """RL tasks set objective=meta_val/post_return; the search's direction follows the objective's name unless
+    the command line sets it."""
+    cfg = searched(*overrides)
+    assert (cfg.objective, cfg.hydra.sweeper.direction) == (objective, direction)
+
+
+def test_an_optuna_search_on_nav2d_ranks_trials_by_their_highest_return(tmp_path: Path) -> None:
+    """A real two-trial search of two-step runs (~15 s): the sweeper maximises, the parent records the best return."""
+    result = run_cli(["hparams_search=maml_optuna", "hydra.sweeper.n_trials=2", "algorithm=maml_trpo", "task=nav2d",
+                      "trainer.max_steps=2", "task.meta_batch_size=2", "algorithm.inner_rollouts=2",
+                      "task.val_tasks=2", "task.test_tasks=2", "model.hidden_sizes=[8]", "callbacks=none",
+                      "trainer.enable_checkpointing=false"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "Directions: ['maximize']" in result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    [parent] = [run for run in runs if run.data.tags.get("metalab.sweep_parent") == "true"]
+    returns = [run.data.metrics["meta_val/post_return"] for run in runs if run is not parent]
+    assert len(returns) == 2 and returns[0] != returns[1]
+    assert parent.data.metrics["sweep/best_value"] == pytest.approx(max(returns))
+
+
+TINY_NAV2D = ["algorithm=maml_trpo", "task=nav2d", "trainer.max_steps=2", "trainer.val_check_interval=2",
+              "trainer.log_every_n_steps=1", "task.meta_batch_size=2", "algorithm.inner_rollouts=4",
+              "task.val_tasks=4", "task.test_tasks=4", "model.hidden_sizes=[16]"]
+
+
+def test_compare_tables_rl_runs_by_their_return_and_marks_the_highest_best(job, tmp_path: Path, capsys,
+                                                                          one_thread: None) -> None:
+    """Two real nav2d runs differing in inner_lr; `metalab compare --metric meta_test/post_return` (also the default
+    for RL runs) tables each one's return, and the best cell is the highest (the least negative) return."""
+    for inner_lr in (0.01, 0.5):
+        train(job(*TINY_NAV2D, f"algorithm.inner_lr={inner_lr}", "callbacks=none",
+                  "trainer.enable_checkpointing=false"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    capsys.readouterr()  # the runs' own output
+    main(["compare", "--tracking-uri", uri, "--metric", "meta_test/post_return", "--rows", "algorithm.inner_lr",
+          "--out", str(tmp_path / "report")])
+    printed = capsys.readouterr().out
+    client = MlflowClient(uri)
+    returns = {run.data.params["algorithm.inner_lr"]: run.data.metrics["meta_test/post_return"]
+               for run in client.search_runs([client.get_experiment_by_name("nav2d").experiment_id])}
+    assert len(returns) == 2 and all(value < 0 for value in returns.values())  # minus distances: negative
+    best = max(returns, key=returns.get)
+    for inner_lr, value in returns.items():
+        shown = f"{value:.4f} (n=1)"
+        assert (f"| {inner_lr} | **{shown}** |" if inner_lr == best else f"| {inner_lr} | {shown} |") in printed
+    assert printed.startswith("meta_test/post_return: mean ± 95% CI")
+    default = compare(uri, rows="algorithm.inner_lr", out=tmp_path / "default")
+    assert default.metric == "meta_test/post_return"
+    assert default.table.set_index("row")["best"].to_dict() == {lr: lr == best for lr in returns}
+    assert {row for row, _ in default.curves} == set(returns)  # learning_curves.png: meta_val/post_return per run
+
+
+def test_an_rl_run_records_its_learning_curve_figure_with_every_validation(job, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          one_thread: None) -> None:
+    """figures/validation_curve.png of a 4-step nav2d run validated at steps 2 and 4 (0-based: 1, 3): a return panel
+    whose lines are the logged meta_val/post_return and pre_return, with their 95% CI bands."""
+    drawn: list[Figure] = []
+
+    def keep(history: dict[str, dict[int, float]]) -> Figure | None:
+        figure = validation_curve(history)
+        drawn.append(figure)
+        return figure
+
+    monkeypatch.setattr("metalab.tracking.pending.validation_curve", keep)
+    train(job(*TINY_NAV2D, "trainer.max_steps=4", "callbacks=none", "trainer.enable_checkpointing=false"))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("nav2d").experiment_id])
+    [artifact] = client.list_artifacts(run.info.run_id, "figures")
+    assert artifact.path == VALIDATION_CURVE and artifact.file_size > 5_000
+    png = Path(client.download_artifacts(run.info.run_id, VALIDATION_CURVE, str(tmp_path / "downloaded")))
+    assert png.read_bytes().startswith(b"\x89PNG")
+    [axes] = drawn[-1].axes
+    assert axes.get_ylabel() == "mean episode return"
+    lines = {line.get_label(): line for line in axes.lines}
+    assert list(lines) == ["after adaptation", "before adaptation"] and len(axes.collections) == 2  # CI bands
+    for label, name in (("after adaptation", "post_return"), ("before adaptation", "pre_return")):
+        logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"meta_val/{name}")}
+        assert sorted(logged) == [1, 3], name
+        assert list(lines[label].get_xdata()) == [1, 3]
+        assert list(lines[label].get_ydata()) == pytest.approx([logged[1], logged[3]], rel=1e-6), name
+
+
+class SigtermAfterStep(Callback):
+    """Sends this process a real SIGTERM (what SLURM's preemption sends) once meta-iteration ``step`` is done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stopped_maml_trpo_run_resumes_into_its_mlflow_run_and_matches_an_uninterrupted_one(
+        tmp_path: Path, one_thread: None) -> None:
+    """TRPO owns the outer step (manual optimisation): the resumed run counts every meta-iteration once, from the
+    checkpoint's step, draws the same training tasks and rollouts, and ends with the uninterrupted run's metrics
+    and weights."""
+    common = [*TINY_NAV2D, "trainer.max_steps=6", "trainer.val_check_interval=3", "seed=5"]
+    reference_uri = f"sqlite:///{tmp_path}/reference.db"
+    train(compose_job(tmp_path / "reference", [*common, f"tracking.tracking_uri={reference_uri}"]))
+    store = [f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    checkpoint = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    with pytest.raises(Terminated, match=rf"^SIGTERM at step 4 .*: checkpoint {re.escape(str(checkpoint))}; "):
+        train(compose_job(tmp_path / "job", [*common, *store, "+callbacks.sigterm._target_=tests.test_meta_rl."
+                                             "SigtermAfterStep", "+callbacks.sigterm.step=4"]))
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("nav2d").experiment_id])
+    assert run.info.status == "KILLED"
+    stopped = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert stopped["global_step"] == 4
+    # TRPO's line search writes the step; the optimiser only counts it (every .grad None): it holds no state, so the
+    # weights and the step are all a resume needs.
+    [optimizer_state] = stopped["optimizer_states"]
+    assert optimizer_state["state"] == {}
+    train(compose_job(tmp_path / "job", [*common, *store, f"resume={run.info.run_id}"]))
+
+    reference = MlflowClient(reference_uri)
+    [uninterrupted] = reference.search_runs([reference.get_experiment_by_name("nav2d").experiment_id])
+    for name in ("meta_train/loss", "meta_train/post_return", "meta_val/post_return", "meta_val/pre_return",
+                 "meta_test/post_return", "meta_test/pre_return"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+        expected = sorted((m.step, m.value) for m in reference.get_metric_history(uninterrupted.info.run_id, name))
+        assert [step for step, _ in history] == [step for step, _ in expected], name  # each step once
+        assert [value for _, value in history] == pytest.approx([value for _, value in expected], rel=1e-6), name
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "meta_train/loss")] == list(range(6))
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    final = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    [reference_checkpoint] = (tmp_path / "reference" / "checkpoints").glob("last.ckpt")
+    expected = torch.load(reference_checkpoint, map_location="cpu", weights_only=False)
+    assert final["global_step"] == expected["global_step"] == 6
+    for name, value in expected["state_dict"].items():
+        torch.testing.assert_close(final["state_dict"][name], value, rtol=1e-6, atol=0, msg=name)
+
+
+@pytest.fixture
+def mujoco_checked() -> Iterator[None]:
+    """MuJoCo's start-up check runs afresh in the test (it is cached once a process) and after it."""
+    half_cheetah.cache_clear()
+    yield
+    half_cheetah.cache_clear()
+
+
+@pytest.mark.parametrize("family", [CheetahVelocity, CheetahDirection])
+def test_cheetah_rewards_are_the_maml_code_s_from_the_forward_velocity(family: type) -> None:
+    """One step of two half-cheetahs, actions partly outside [-1, 1]: the reward is −|v − v*| − 0.05‖clip(a)‖²
+    (goal velocity) or d·v − 0.05‖clip(a)‖² (direction), v the root's x displacement over dt read off MuJoCo's state."""
+    tasks = family().sample(2, torch.Generator().manual_seed(0), "train")
+    envs = tasks.environment.vector(tasks.parameters, [3, 4])
+    envs.reset()
+    actions = torch.tensor([[0.5, -2.0, 1.0, 0.3, 3.0, -0.7], [-1.5, 0.2, 0.9, -0.4, 0.1, 2.5]])
+    for _ in range(5):  # get moving: the first steps from rest are slow
+        before = np.array([env.unwrapped.data.qpos[0] for env in envs.envs.envs])
+        _, rewards = envs.step(actions)
+    after = np.array([env.unwrapped.data.qpos[0] for env in envs.envs.envs])
+    velocity = (after - before) / envs.envs.envs[0].unwrapped.dt  # dt = 5 frames of 0.01 s
+    control = 0.05 * (actions.clamp(-1, 1) ** 2).sum(1).numpy()
+    goal = tasks.parameters[:, 0].numpy()
+    expected = -np.abs(velocity - goal) - control if family is CheetahVelocity else goal * velocity - control
+    np.testing.assert_allclose(rewards.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(velocity).min() > 0.05  # the check is not vacuous: the cheetahs move
+    v5_reward = velocity - 0.1 * (actions.numpy() ** 2).sum(1)  # HalfCheetah-v5's own reward, not the one used
+    assert np.abs(rewards.numpy() - v5_reward).min() > 1e-3
+
+
+def test_cheetah_tasks_draw_their_goals_and_seed_their_episodes() -> None:
+    velocities = CheetahVelocity().sample(50, torch.Generator().manual_seed(0), "train").parameters
+    assert velocities.shape == (50, 1) and 0 <= velocities.min() and velocities.max() <= 2
+    assert velocities.std() > 0.4  # spread over [0, 2] (a uniform's std: 0.58)
+    directions = CheetahDirection().sample(50, torch.Generator().manual_seed(0), "train").parameters
+    assert set(directions.flatten().tolist()) == {-1.0, 1.0}
+    family = CheetahDirection(horizon=20)
+    tasks = family.sample(2, torch.Generator().manual_seed(1), "train")
+    again = family.sample(2, torch.Generator().manual_seed(1), "train")
+    assert torch.equal(tasks.parameters, again.parameters) and torch.equal(tasks.seeds, again.seeds)
+    policy = GaussianMLPPolicy(17, 6, hidden_sizes=(8,))
+    first, second, other = (sample_rollouts(family.environment, tasks.parameters, tasks.seeds, draw, policy, 3)
+                            for draw in (0, 0, 1))
+    assert first.rewards.shape == (2, 3, 20) and first.observations.dtype == torch.float32
+    assert torch.equal(first.observations, second.observations) and torch.equal(first.rewards, second.rewards)
+    assert not torch.equal(first.observations[:, :, 0], other.observations[:, :, 0])  # another draw: other starts
+    starts = first.observations[0, :, 0]  # (K, O): each episode its own initial state
+    assert not torch.equal(starts[0], starts[1])
+
+
+@pytest.mark.parametrize("family", [CheetahVelocity, CheetahDirection])
+def test_without_mujoco_a_cheetah_family_is_not_built_and_says_so_in_one_line(family: type,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             mujoco_checked: None) -> None:
+    monkeypatch.setitem(sys.modules, "mujoco", None)  # `import mujoco` raises ModuleNotFoundError
+    tasks = family()  # built (its config is fine); preparing it, at the run's start, checks MuJoCo
+    with pytest.raises(SimulatorMissingError) as error:
+        tasks.prepare()
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"the half-cheetah tasks need MuJoCo \(Gymnasium's HalfCheetah-v5\), which cannot start "
+                        r"here: ModuleNotFoundError: import of mujoco halted.*; "
+                        r"install it with \.venv/bin/pip install mujoco==4\.0\.0 "
+                        r"\(pinned in requirements/lock\.txt\), or choose task=nav2d or task=pendulum", message)
+
+
+def test_without_mujoco_metalab_train_exits_3_with_the_line(tmp_path: Path) -> None:
+    """A MuJoCo whose import fails (its shared library missing), first on the path of a real `metalab-train`."""
+    (tmp_path / "broken" / "mujoco").mkdir(parents=True)
+    (tmp_path / "broken" / "mujoco" / "__init__.py").write_text(
+        'raise ImportError("libmujoco.so.4.0.0: cannot open shared object file")\n')
+    path = os.pathsep.join([str(tmp_path / "broken"), os.environ.get("PYTHONPATH", "")])
+    result = run_cli(["task=cheetah_dir", "algorithm=maml_trpo", "tracking=none"], cwd=tmp_path,
+                     env={"PYTHONPATH": path})
+    assert result.returncode == DATA_MISSING_EXIT_CODE == 3
+    assert result.stderr.splitlines() == [
+        "metalab: error: the half-cheetah tasks need MuJoCo (Gymnasium's HalfCheetah-v5), which cannot start here: "
+        "ImportError: libmujoco.so.4.0.0: cannot open shared object file; install it with .venv/bin/pip install "
+        "mujoco==4.0.0 (pinned in requirements/lock.txt), or choose task=nav2d or task=pendulum"]
+
+
+@pytest.mark.parametrize("task", ["cheetah_vel", "cheetah_dir"])
+def test_a_short_maml_trpo_run_on_a_cheetah_task_is_recorded(job, tmp_path: Path, task: str,
+                                                              one_thread: None) -> None:
+    metrics = train(job("algorithm=maml_trpo", f"task={task}", "trainer.max_steps=2", "task.meta_batch_size=2",
+                        "algorithm.inner_rollouts=2", "task.horizon=20", "task.val_tasks=2", "task.test_tasks=2",
+                        "model.hidden_sizes=[16]", "callbacks=none", "trainer.enable_checkpointing=false"))
+    for name in ("pre_return", "post_return"):
+        assert math.isfinite(metrics[f"meta_test/{name}"]) and metrics[f"meta_test/{name}_ci95"] > 0, name
+    assert not list(tmp_path.glob("**/MUJOCO_LOG.TXT")) and not Path("MUJOCO_LOG.TXT").exists()

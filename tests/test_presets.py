@@ -149,3 +149,21 @@ def test_anil_spread_over_runs_is_not_called_a_95_interval(job, name: str) -> No
     spec = job(f"experiment={name}", "tracking=none").reproduction
     assert spec.published_ci95 is None
     assert "standard deviation over three random initializations" in spec.note
+
+
+@pytest.mark.parametrize(("name", "task", "meta_batch", "horizon"), [("maml_trpo_nav2d", "nav2d", 20, 100),
+                                                                    ("maml_trpo_cheetah_vel", "cheetah_vel", 40, 200),
+                                                                    ("maml_trpo_cheetah_dir", "cheetah_dir", 40, 200)])
+def test_maml_trpo_presets_are_the_papers_rl_protocol(job, name: str, task: str, meta_batch: int,
+                                                      horizon: int) -> None:
+    """Finn et al. 2017, §5.3 and appendix A.2: 20 rollouts a step, α = 0.1, one step, TRPO δ = 0.01, a 100-100
+    policy, meta-batch 20 (navigation) or 40 (locomotion), up to 500 meta-iterations; the returns after 0…3 steps."""
+    cfg = job(f"experiment={name}")
+    assert cfg.task._target_.rsplit(".", 1)[-1] == {"nav2d": "Nav2D", "cheetah_vel": "CheetahVelocity",
+                                                    "cheetah_dir": "CheetahDirection"}[task]
+    assert (cfg.task.meta_batch_size, cfg.task.horizon) == (meta_batch, horizon)
+    algorithm = cfg.algorithm
+    assert algorithm._target_ == "metalab.algorithms.MAMLTRPO" and not algorithm.first_order
+    assert (algorithm.inner_rollouts, algorithm.inner_lr, algorithm.inner_steps, algorithm.max_kl) == (20, 0.1, 1, 0.01)
+    assert list(cfg.model.hidden_sizes) == [100, 100] and cfg.trainer.max_steps == 500
+    assert cfg.learner.test_curve_steps == 3 and cfg.objective == "meta_val/post_return"

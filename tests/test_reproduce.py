@@ -42,12 +42,17 @@ def test_every_preset_composes_and_builds(job, name: str) -> None:
     """The preset composes against the schemas, and its task, model and algorithm construct (no data read)."""
     cfg = job(f"experiment={name}")
     spec = cfg.reproduction
-    assert spec.source and spec.metric in ("meta_test/post_acc", "meta_test/post_loss")
+    assert spec.source and spec.metric in ("meta_test/post_acc", "meta_test/post_loss", "meta_test/post_return")
     assert spec.published is None or spec.tolerance > 0
+    assert all(published is None or tolerance > 0 for published, tolerance in spec.also.values())
     task = instantiate(cfg.task)
     algorithm = instantiate(cfg.algorithm, model=instantiate(cfg.model))
     assert task.problem in algorithm.problems
-    assert task.test_tasks >= 600  # the papers' number of test tasks (or more)
+    if task.problem == "reinforcement":  # returns before and after adaptation, the papers' curves read at 0 and 1
+        assert spec.metric == "meta_test/post_return" and list(spec.also) == ["meta_test/pre_return"]
+        assert spec.scale == 1 and cfg.learner.test_curve_steps == 3 and task.test_tasks >= 40
+    else:
+        assert task.test_tasks >= 600  # the papers' number of test tasks (or more)
     ways_in_name = name.split("_")[-1]
     if ways_in_name[0].isdigit() and "w" in ways_in_name:  # e.g. 20w5s
         ways, shots = ways_in_name.rstrip("s").split("w")
@@ -227,3 +232,36 @@ def test_a_meta_dataset_preset_is_judged_per_source_and_absent_sources_are_no_da
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.tags["metalab.reproduction.omniglot.verdict"] == "plumbing ok"
     assert run.data.tags["metalab.reproduction.fungi.verdict"] == "no data"
+
+
+RL_SMALL = ["trainer.max_steps=2", "trainer.val_check_interval=2", "task.meta_batch_size=2", "task.val_tasks=2",
+            "task.test_tasks=4", "task.eval_batch_size=4", "algorithm.inner_rollouts=2", "task.horizon=20",
+            "model.hidden_sizes=[16]", "callbacks=none", "trainer.enable_checkpointing=false"]
+
+
+def test_a_return_preset_is_judged_after_and_before_adaptation_on_rows_of_their_own(job, tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                                   ) -> None:
+    """The half-cheetah direction preset (shrunk): its row judges meta_test/post_return (1 step) against the figure's
+    reading, its /pre_return row the return before adaptation (0 steps); both verdicts and numbers go on the run."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train(job("experiment=maml_trpo_cheetah_dir", *RL_SMALL))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    after, before = reproduce("maml_trpo_cheetah_dir", overrides=RL_SMALL, from_mlflow=True)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("cheetah_dir").experiment_id])
+    metrics, tags = run.data.metrics, client.get_run(run.info.run_id).data.tags
+    assert (after.name, before.name) == ("maml_trpo_cheetah_dir", "maml_trpo_cheetah_dir/pre_return")
+    assert (after.published, after.tolerance, before.published, before.tolerance) == (300.0, 50.0, 0.0, 30.0)
+    assert after.ours == pytest.approx(metrics["meta_test/post_return"])
+    assert before.ours == pytest.approx(metrics["meta_test/pre_return"])
+    assert before.ours_ci95 == pytest.approx(metrics["meta_test/pre_return_ci95"])
+    for row in (after, before):
+        assert row.run_id == run.info.run_id and row.verdict == verdict(row.ours, row.published, row.tolerance)
+    assert after.curve == pytest.approx([metrics[f"meta_test/post_return_step{k}"] for k in (1, 2, 3)])
+    assert before.curve is None  # the curve continues after adaptation only
+    assert tags["metalab.reproduction.verdict"] == after.verdict
+    assert tags["metalab.reproduction.pre_return.verdict"] == before.verdict
+    table = markdown([after, before])
+    assert f"| maml_trpo_cheetah_dir/pre_return | 0 | {before.ours:.4g} ± {before.ours_ci95:.3g} |" in table
+    assert "read off" in table and "NOT verified" in table  # the note says where the numbers come from

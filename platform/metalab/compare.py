@@ -38,6 +38,7 @@ from metalab.tracking.uri import DEFAULT_TRACKING_URI
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 
+DEFAULT_METRICS = ("meta_test/post_acc", "meta_test/post_return", "meta_test/post_loss")  # the first logged
 Curves = dict[tuple[str, str], list[tuple[int, float]]]  # (row, column) → (step, mean across seeds) plotted
 FEW_POINTS = 20  # a curve of at most this many validations marks each
 
@@ -62,11 +63,11 @@ def compare(tracking_uri: str | None = None, experiments: list[str] | None = Non
     if sweep_id == "last":
         sweep_id = store.latest_sweep(experiments)
     runs = store.finished_runs(experiments, ({"metalab.sweep_id": sweep_id} if sweep_id else {}) | (tags or {}))
-    metric = metric or ("meta_test/post_acc" if "metrics.meta_test/post_acc" in runs else "meta_test/post_loss")
+    metric = metric or next((name for name in DEFAULT_METRICS if f"metrics.{name}" in runs), DEFAULT_METRICS[-1])
     if f"metrics.{metric}" not in runs or runs[f"metrics.{metric}"].isna().all():
         logged = sorted(c[len("metrics."):] for c in runs.columns if c.startswith("metrics.") and runs[c].notna().any())
         raise ConfigError(f"no selected run logged metric '{metric}'; these did: {', '.join(logged) or 'none'}")
-    higher_is_better = "loss" not in metric
+    higher_is_better = "loss" not in metric  # accuracies and returns: the best cell is the highest
     if columns == SOURCE_COLUMNS:
         runs = per_source(runs.assign(_row=key_values(runs, rows)), metric)
     else:
@@ -234,7 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", dest="sweep_id",
                         help="a sweep id (tag metalab.sweep_id; a multirun prints it), or 'last': the newest sweep")
     parser.add_argument("--tag", action="append", default=[], help="KEY=VALUE, repeatable")
-    parser.add_argument("--metric", help="default: meta_test/post_acc if logged, else meta_test/post_loss")
+    parser.add_argument("--metric", help="default: meta_test/post_acc if logged, else meta_test/post_return "
+                                         "(reinforcement learning), else meta_test/post_loss")
     parser.add_argument("--rows", default="algorithm")
     parser.add_argument("--columns", default="task",
                         help="a config key, or 'source': a column per source of multi-source runs, with average ranks")

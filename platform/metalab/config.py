@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import inspect
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -106,9 +107,10 @@ class SGDConfig(OptimizerConfig):
 class ReproductionConfig:
     """What a paper published for an ``experiments/`` preset, and how a run of the preset is judged.
 
-    ``metric`` of the run, times ``scale``, is in the published unit (accuracy 0.987 × 100 = 98.7 %). The
-    run is *within tolerance* when it differs from ``published`` by at most ``tolerance``, else *below* or
-    *above*. ``published: null`` marks a row without a published number (our own reference data).
+    ``metric`` of the run, times ``scale``, is in the published unit (accuracy 0.987 × 100 = 98.7 %; a return:
+    ``scale: 1``). The run is *within tolerance* when it differs from ``published`` by at most ``tolerance``, else
+    *below* or *above* (for a loss, *below* is better). ``published: null`` marks a row without a published number
+    (our own reference data).
     """
 
     source: str = OMEGACONF_MISSING  # authors, venue, table: where the number is printed
@@ -124,6 +126,10 @@ class ReproductionConfig:
     # Multi-source presets (Meta-Dataset): per source [published, ± 95% CI], each judged on its own row against
     # the run's <metric's stage>/<source>/<name> (meta_test/omniglot/post_acc); a source without it is "no data".
     sources: dict[str, list[float]] = field(default_factory=dict)
+    # Further numbers of the same run, each judged on a row of its own, NAME/<the metric's last part>:
+    # {metric: [published, tolerance]}, e.g. a figure's value before adaptation {meta_test/pre_return: [-130, 20]};
+    # published null: no number (yet) to judge it by.
+    also: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,7 +148,9 @@ class MetalabConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)  # Lightning callbacks by name, each with a _target_
     output_dir: str = "${hydra:runtime.output_dir}"  # the job's folder (a resumed run: the folder it began in)
     seed: int = 0
-    objective: str = "meta_val/post_loss"  # what a sweeper optimises (the last validation's value)
+    # What a sweeper optimises (the last validation's value); reinforcement-learning tasks choose
+    # meta_val/post_return (conf/task/objective/post_return.yaml), and a search's direction follows it.
+    objective: str = "meta_val/post_loss"
     resume: str | None = None  # an MLflow run id: continue it from its last checkpoint; "auto": the run this
     # job's output folder began, if any (a requeued SLURM job restarts there)
     resume_allow: list[str] = field(default_factory=lambda: list(DEFAULT_RESUME_ALLOW))  # what a resume may change
@@ -317,6 +325,7 @@ def register_configs(root: Path | None = None) -> None:
     reproductions of ``experiments/`` as options of the ``experiment`` group."""
     root = root or config_dir()
     OmegaConf.register_new_resolver("metalab_config_groups", config_groups_help, replace=True)
+    OmegaConf.register_new_resolver("metalab_direction", sweep_direction, replace=True)
     store = ConfigStore.instance()
     # Hydra deep-copies its config repository, and with it this store (every schema and preset, ~0.07 s), each
     # time it lists a group's options: 160 copies for `--help`. The store is a process-wide singleton whose
@@ -335,6 +344,18 @@ def register_configs(root: Path | None = None) -> None:
                 store.store(group=group, name=f"{option.stem}_schema", node=schema(target))
     if _SCHEMAS is not None:
         _SCHEMAS.save()
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better: accuracies and returns (``meta_val/post_acc``,
+    ``meta_test/post_return_step2``), not losses."""
+    return re.search(r"_(acc|return)(_step\d+)?$", metric) is not None
+
+
+def sweep_direction(objective: str) -> str:
+    """What a search does with ``objective`` (``hydra.sweeper.direction: ${metalab_direction:${objective}}``):
+    ``maximize`` an accuracy or a return, ``minimize`` anything else (a loss)."""
+    return "maximize" if higher_is_better(objective) else "minimize"
 
 
 def config_groups_help() -> str:

@@ -12,7 +12,13 @@ class DataMissingError(ConfigError):
     and the key to set (``task.root``); ``metalab-train`` exits with :data:`DATA_MISSING_EXIT_CODE`."""
 
 
-DATA_MISSING_EXIT_CODE = 3  # 1: the run failed, 2: bad command line, 3: the data set is missing
+class SimulatorMissingError(DataMissingError):
+    """A simulator a task family needs (MuJoCo) cannot start here. The message names it and how to install it; as for
+    a missing data set, ``metalab-train`` exits with :data:`DATA_MISSING_EXIT_CODE`, so ``metalab reproduce all``
+    lists the preset as *no data* and goes on."""
+
+
+DATA_MISSING_EXIT_CODE = 3  # 1: the run failed, 2: bad command line, 3: the data set (or simulator) is missing
 
 
 def one_line(error: BaseException) -> str:

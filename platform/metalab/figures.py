@@ -1,7 +1,8 @@
 """The figures a run records of itself, so that its MLflow page shows what happened.
 
 - :func:`validation_curve`: the ``meta_val/*`` metrics against the meta-iteration, before and after adaptation,
-  with their 95% CI bands (drawn from the run's metric history when the run ends).
+  with their 95% CI bands (drawn from the run's metric history when the run ends): loss, accuracy, or an RL run's
+  mean episode return.
 - :func:`episode_grid`: one test episode of an image family, one row per class: its support images, then its
   query images, each with the adapted predictor's label, framed green (right) or red (wrong).
 
@@ -26,14 +27,15 @@ if TYPE_CHECKING:  # matplotlib is imported when a figure is drawn
 VALIDATION_CURVE = "figures/validation_curve.png"  # artifact paths in the run
 TEST_EPISODE = "figures/test_episode.png"
 RIGHT, WRONG, SUPPORT = "tab:green", "tab:red", "0.6"
-PANELS = {"loss": "query loss", "acc": "query accuracy"}
+PANELS = {"loss": "query loss", "acc": "query accuracy", "return": "mean episode return"}  # RL: the learning curve
 WHEN = {"post": ("after adaptation", "tab:blue"), "pre": ("before adaptation", "tab:gray")}
 
 
 def validation_curve(history: Mapping[str, Mapping[int, float]]) -> Figure | None:
     """``history``: metric name without ``meta_val/`` (``post_loss``, ``post_loss_ci95``, ``pre_acc``, ...) →
-    step → value. One panel per quantity logged (loss; accuracy for classification); ``None`` if the run never
-    validated."""
+    step → value. One panel per quantity logged (loss; accuracy for classification; for reinforcement learning
+    the return, the post-adaptation return against meta-iteration being the learning curve of Finn et al. 2017,
+    §5.3); ``None`` if the run never validated."""
     panels = [quantity for quantity in PANELS if history.get(f"post_{quantity}")]
     if not panels:
         return None

@@ -133,6 +133,13 @@ def reproduce(name: str, budget: str = "paper", overrides: list[str] | None = No
         rows = [Row(f"{name}/{source}", spec.source, published, ci95, spec.tolerance, note=spec.note if i == 0 else "",
                     smoke=budget == "smoke") for i, (source, (published, ci95)) in enumerate(spec.sources.items())]
         metrics_of = [f"{stage}/{source}/{metric_name}" for source in spec.sources]
+    if spec.also and spec.sources:
+        raise ConfigError(f"experiment={name}: reproduction.also and reproduction.sources cannot be combined: "
+                          "keep one")
+    for metric, (published, tolerance) in spec.also.items():  # e.g. the return before adaptation, its own row
+        rows.append(Row(f"{name}/{metric.rsplit('/', 1)[-1]}", spec.source, published, None, tolerance or 0.0,
+                        smoke=budget == "smoke"))
+        metrics_of.append(metric)
     error = ""
     if not from_mlflow:
         status, error = run_preset(name, args)
@@ -173,7 +180,7 @@ def judge(row: Row, name: str, metric: str, run: RecordedRun | None, cfg: DictCo
     row.ours = metrics[metric] * spec.scale
     row.ours_ci95 = metrics.get(f"{metric}_ci95", math.nan) * spec.scale
     steps = int(cfg.learner.test_curve_steps or 0)
-    if steps:
+    if steps and metric not in spec.also:  # the curve continues the main metric (post_*), not pre_*
         row.curve = [metrics.get(f"{metric}_step{k}", math.nan) * spec.scale for k in range(1, steps + 1)]
 
 

@@ -1,6 +1,7 @@
 """Task families: each a LightningDataModule that yields meta-batches of few-shot episodes."""
 
 from metalab.tasks.base import TaskFamily
+from metalab.tasks.cheetah import CheetahDirection, CheetahVelocity
 from metalab.tasks.environments import EnvironmentFamily, EnvironmentTasks
 from metalab.tasks.episodes import Episodes
 from metalab.tasks.folder import ImageFolder
@@ -19,6 +20,8 @@ from metalab.tasks.texts import TextClassFamily
 from metalab.tasks.wordnet import WordNetGlosses
 
 __all__ = [
+    "CheetahDirection",
+    "CheetahVelocity",
     "EnvironmentFamily",
     "EnvironmentTasks",
     "Episodes",

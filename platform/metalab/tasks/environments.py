@@ -11,13 +11,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from metalab.errors import ConfigError
 from metalab.tasks.base import TaskFamily
+
+if TYPE_CHECKING:
+    from gymnasium.vector import SyncVectorEnv
 
 
 class VectorEnvironment(Protocol):
@@ -123,3 +127,20 @@ class EnvironmentFamily(TaskFamily):
         parameters = low + (high - low) * torch.rand((num_tasks, len(self.ranges)), generator=generator)  # (T, P)
         seeds = torch.randint(0, 2**62, (num_tasks,), generator=generator)
         return EnvironmentTasks(parameters, seeds, self.environment)
+
+
+class GymnasiumVector:
+    """A gymnasium ``SyncVectorEnv`` as tensors (observations and rewards float32; environment n reset with
+    ``seeds[n]``). Its environments are built directly, without ``gymnasium.make``'s time limit wrapper, and never
+    terminate, so it never auto-resets within ``horizon``."""
+
+    def __init__(self, envs: SyncVectorEnv, seeds: list[int]) -> None:
+        self.envs, self.seeds = envs, seeds
+
+    def reset(self) -> Tensor:
+        observations, _ = self.envs.reset(seed=self.seeds)
+        return torch.from_numpy(observations).float()
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor]:
+        observations, rewards, *_ = self.envs.step(actions.detach().cpu().numpy().astype(np.float32))
+        return torch.from_numpy(observations).float(), torch.from_numpy(rewards).float()

@@ -7,16 +7,13 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
 from metalab.errors import ConfigError
-from metalab.tasks.environments import Environment, EnvironmentFamily
+from metalab.tasks.environments import Environment, EnvironmentFamily, GymnasiumVector
 
 if TYPE_CHECKING:
     from gymnasium.envs.classic_control.pendulum import PendulumEnv
-    from gymnasium.vector import SyncVectorEnv
 
 
 @dataclass
@@ -29,10 +26,10 @@ class PendulumEnvironment(Environment):
     observation_size: int = 3
     action_size: int = 1
 
-    def vector(self, parameters: Tensor, seeds: Sequence[int]) -> _GymnasiumVector:
+    def vector(self, parameters: Tensor, seeds: Sequence[int]) -> GymnasiumVector:
         from gymnasium.vector import SyncVectorEnv  # here: every job imports metalab.tasks, few step a pendulum
 
-        return _GymnasiumVector(SyncVectorEnv([partial(_pendulum, *map(float, row)) for row in parameters.tolist()]),
+        return GymnasiumVector(SyncVectorEnv([partial(_pendulum, *map(float, row)) for row in parameters.tolist()]),
                                 list(seeds))
 
 
@@ -42,21 +39,6 @@ def _pendulum(g: float, m: float, l: float) -> PendulumEnv:  # noqa: E741 (gymna
     env = PendulumEnv(g=g)
     env.m, env.l = m, l  # PendulumEnv takes only g; m and l are attributes its step reads
     return env
-
-
-class _GymnasiumVector:
-    """A gymnasium ``VectorEnv`` as tensors; no time limit wrapper, so it never auto-resets within ``horizon``."""
-
-    def __init__(self, envs: SyncVectorEnv, seeds: list[int]) -> None:
-        self.envs, self.seeds = envs, seeds
-
-    def reset(self) -> Tensor:
-        observations, _ = self.envs.reset(seed=self.seeds)
-        return torch.from_numpy(observations)
-
-    def step(self, actions: Tensor) -> tuple[Tensor, Tensor]:
-        observations, rewards, *_ = self.envs.step(actions.detach().cpu().numpy().astype(np.float32))
-        return torch.from_numpy(observations), torch.from_numpy(rewards).float()
 
 
 class Pendulum(EnvironmentFamily):
