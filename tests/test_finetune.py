@@ -21,6 +21,7 @@ from metalab.tasks import SinusoidRegression, WordNetGlosses
 from metalab.tasks.classification import Pretraining, _EndlessExampleBatches
 from metalab.tasks.episodes import Task
 from metalab.tasks.images import PAD, ImageClassFamily, LabelledImages
+from tests.conftest import run_cli
 
 
 class NumberedImages(ImageClassFamily):
@@ -188,7 +189,8 @@ def test_bad_settings_are_one_line() -> None:
         FineTune(nn.Sequential(nn.Linear(2, 2)))
 
 
-def test_pretraining_needs_a_family_of_labelled_examples() -> None:
+def test_pretraining_needs_a_family_of_labelled_examples(job) -> None:
+    job("algorithm=finetune")  # the job's Hydra context names the option in the message
     with pytest.raises(ConfigError, match=r"^algorithm=finetune pre-trains a classifier on the labelled examples of "
                                           r"one family's training classes, and task sinusoid has none to serve"):
         serve_examples(FineTune(Features()), SinusoidRegression())
@@ -214,3 +216,32 @@ def test_pretraining_lowers_its_loss_and_the_run_records_it_with_the_fine_tuned_
     assert len(losses) == 12 and sum(losses[-3:]) < 0.92 * sum(losses[:3]), losses  # ~4.96 → ~4.39
     assert run.data.params["algorithm.head"] == "logistic" and "pretrain/acc" in run.data.metrics
     assert "meta_train/loss" not in run.data.metrics
+
+
+@pytest.mark.slow  # three processes, ~2 min on 2 cores
+def test_a_resumed_pretraining_continues_the_example_stream_as_an_uninterrupted_run(tmp_path, kanji_cache) -> None:
+    common = ["algorithm=finetune", "task=kanji", f"task.cache_dir={kanji_cache}", "task.num_classes=150",
+              "task.max_alphabet_size=20", "model.hidden_size=16", "algorithm.batch_size=16",
+              "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000", "task.val_tasks=10",
+              "task.test_tasks=40", "runner.backend=loop", "seed=5"]
+    reference_store, store = f"sqlite:///{tmp_path}/reference.db", f"sqlite:///{tmp_path}/mlflow.db"
+    (tmp_path / "reference").mkdir()
+    reference = run_cli([*common, "trainer.max_steps=40", f"tracking.tracking_uri={reference_store}"],
+                        cwd=tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr
+    first = run_cli([*common, "trainer.max_steps=20", f"tracking.tracking_uri={store}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    client = MlflowClient(store)
+    [run] = client.search_runs([client.get_experiment_by_name("kanji").experiment_id])
+    resumed = run_cli([f"tracking.tracking_uri={store}", f"resume={run.info.run_id}", "trainer.max_steps=40"],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "pretrain/loss")}
+    reference_client = MlflowClient(reference_store)
+    [uninterrupted] = reference_client.search_runs([reference_client.get_experiment_by_name("kanji").experiment_id])
+    expected = {m.step: m.value for m in reference_client.get_metric_history(uninterrupted.info.run_id,
+                                                                            "pretrain/loss")}
+    assert sorted(losses) == list(range(40))
+    assert losses == pytest.approx(expected, rel=1e-5)  # the same batches after the resume as without it
+    assert client.get_run(run.info.run_id).data.metrics["meta_test/post_acc"] == pytest.approx(
+        uninterrupted.data.metrics["meta_test/post_acc"], rel=1e-6)

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from metalab.checkpoints import AtomicCheckpointIO, check_resumable, read_checkpoint
 from metalab.errors import ConfigError
 from metalab.job import make_trainer, train
+from metalab.resume import merge, resolved
 from tests.conftest import compose_job, run_cli
 
 SMOKE = ["debug=smoke", "runner.backend=loop", "trainer.log_every_n_steps=1"]  # 20 steps, test_tasks 20
@@ -227,3 +228,17 @@ def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_file_wh
 def test_runs_write_checkpoints_atomically(tmp_path: Path) -> None:
     trainer = make_trainer(compose_job(tmp_path, ["debug=smoke", "tracking=none"]), tmp_path)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_a_run_of_another_group_option_resumes_with_its_own_settings_not_the_defaults(tmp_path: Path) -> None:
+    """``resume=<id>`` without ``task=kanji``: the recorded task is kept whole; the default option's keys
+    (sinusoid's ``amplitude_min``) are not merged into it, which once failed the resume with a TypeError."""
+    recorded = resolved(compose_job(tmp_path / "a", ["task=kanji", "algorithm=protonet"]), tmp_path)
+    given = resolved(compose_job(tmp_path / "b", []), tmp_path)
+    config, changes = merge(recorded, given, given, explicit=[])
+    assert config["task"] == recorded["task"] and config["algorithm"] == recorded["algorithm"]
+    assert "amplitude_min" not in config["task"] and changes == []
+    changed = resolved(compose_job(tmp_path / "c", ["task=kanji", "task.ways=7"]), tmp_path)
+    _, changes = merge(recorded, changed, given, explicit=[("task", "ways")])
+    # A key given on the command line still counts (the model's ways follow ${task.ways}).
+    assert sorted(str(change) for change in changes) == ["model.ways: 5 → 7", "task.ways: 5 → 7"]

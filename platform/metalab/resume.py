@@ -209,6 +209,9 @@ def merge(recorded: dict[str, Any], given: dict[str, Any], baseline: dict[str, A
     def walk(old: Any, new: Any, path: tuple[str, ...]) -> Any:
         if any(".".join(path) == key or ".".join(path).startswith(key + ".") for key in NOT_SCIENCE):
             return new
+        if isinstance(old, dict) and isinstance(new, dict) and old.get("_target_") != new.get("_target_") \
+                and not given_here(path):  # the run's own option of a group (task=kanji) against this command
+            return old                     # line's default one (sinusoid): the recorded one, whole
         if isinstance(old, dict) and isinstance(new, dict):
             merged = {}
             for key in [*old, *(key for key in new if key not in old)]:
