@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +16,8 @@ from mlflow.tracking import MlflowClient
 
 from metalab.overrides import split_flags
 from tests.conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_smoke_run_logs_to_the_default_store_in_the_working_directory(tmp_path: Path) -> None:
@@ -127,17 +134,61 @@ if not torch.cuda.is_available():
     BAD_INPUTS.append((["hardware=gpu"], "hardware=gpu needs a CUDA device"))
 
 
-@pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_exits_with_one_clear_line_and_no_run(tmp_path: Path, overrides: list[str], message: str) -> None:
-    result = run_cli(["debug=smoke", *overrides], cwd=tmp_path)
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
+def assert_one_clear_line(status: int, stdout: str, stderr: str, message: str, folder: Path) -> None:
+    assert status != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
     assert lines[0].startswith("metalab: error: ") and message in lines[0], lines[0]
-    assert "Traceback" not in result.stdout
-    if (tmp_path / "mlflow.db").exists():  # nothing half-written: no run left RUNNING (or at all)
-        with sqlite3.connect(tmp_path / "mlflow.db") as db:
+    assert "Traceback" not in stdout
+    if (folder / "mlflow.db").exists():  # nothing half-written: no run left RUNNING (or at all)
+        with sqlite3.connect(folder / "mlflow.db") as db:
             assert db.execute("select count(*) from runs").fetchone()[0] == 0
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict[str, Any], Path]]:
+    """Every BAD_INPUTS command line run by the console entry point in one process (tests/cli_batch.py): a start-up
+    for all (~10 s) instead of one each (8-18 s, ~45 of them); each in a folder of its own."""
+    folders = {case_id(overrides): tmp_path_factory.mktemp("bad-input") for overrides, _ in BAD_INPUTS}
+    commands = [{"args": ["debug=smoke", *overrides], "cwd": str(folders[case_id(overrides)])}
+                for overrides, _ in BAD_INPUTS]
+    environment = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI",
+                                                                                   "HYDRA_FULL_ERROR")}
+    # As on a SLURM login node: an `srun` on PATH makes Lightning hint at it (hardware=ddp_cpu's case), which
+    # metalab drops; the one line must stay one line.
+    bin_folder = tmp_path_factory.mktemp("bin")
+    (bin_folder / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_folder / "srun").chmod(0o755)
+    environment["PATH"] = f"{bin_folder}{os.pathsep}{environment.get('PATH', '')}"
+    batch = subprocess.run([sys.executable, "-m", "tests.cli_batch"], input=json.dumps(commands), cwd=ROOT,
+                           env=environment, capture_output=True, text=True, timeout=1200)
+    assert batch.returncode == 0, batch.stderr
+    return {command_id: (result, folders[command_id]) for command_id, result in
+            zip((case_id(overrides) for overrides, _ in BAD_INPUTS), json.loads(batch.stdout), strict=True)}
+
+
+def case_id(overrides: list[str]) -> str:
+    return " ".join(overrides)
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_INPUTS, ids=[case_id(o) for o, _ in BAD_INPUTS])
+def test_bad_input_exits_with_one_clear_line_and_no_run(bad_input_results, overrides: list[str], message: str) -> None:
+    result, folder = bad_input_results[case_id(overrides)]
+    assert_one_clear_line(result["status"], result["stdout"], result["stderr"], message, folder)
+
+
+# A few of them as processes of their own, as a user runs them (the batch above runs the same entry point in one
+# process): an override refused before Hydra starts, a config error, a build error, a data error, a tracking error.
+OWN_PROCESS = ["algorithm.inner_lrr=0.1", "algorithm=reptilian", "algorithm.inner_lr=-1",
+               "task=omniglot task.root=/nonexistent/omniglot", "tracking.tracking_uri=http://127.0.0.1:9"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [case for case in BAD_INPUTS if case_id(case[0]) in OWN_PROCESS],
+                         ids=OWN_PROCESS)
+def test_bad_input_as_its_own_process_exits_with_one_clear_line(tmp_path: Path, overrides: list[str],
+                                                                message: str) -> None:
+    result = run_cli(["debug=smoke", *overrides], cwd=tmp_path)
+    assert_one_clear_line(result.returncode, result.stdout, result.stderr, message, tmp_path)
 
 
 def test_full_error_shows_the_traceback(tmp_path: Path) -> None:

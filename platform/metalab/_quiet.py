@@ -48,7 +48,8 @@ def quiet_lightning() -> None:
 
     Lightning 2.6.6 still builds ``torch.utils._pytree.LeafSpec``, which torch 2.14 marks deprecated;
     the warning is about Lightning's internals, not the user's code. "GPU available but not used" is said by
-    train.py's header instead (with the override that uses it). Every other message stays.
+    train.py's header instead (with the override that uses it); Lightning's `srun` hint is dropped (below). Every
+    other message stays.
     """
     from lightning_fabric.utilities.warnings import PossibleUserWarning  # here: `import metalab` stays light
 
@@ -61,6 +62,10 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message="GPU available but not used", category=PossibleUserWarning)
+    # On a SLURM login node (srun on PATH) Lightning hints at `srun python ...` for every local run; metalab runs on
+    # SLURM through hardware=slurm (submitit), so the hint is wrong advice there and noise elsewhere.
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used",
+                            category=PossibleUserWarning)
 
 
 def plain_lightning_logs() -> None:
