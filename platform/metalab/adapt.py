@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from metalab._quiet import quiet_mlflow_models
 from metalab.errors import ConfigError, DataMissingError
 from metalab.serving.problem import LABEL, QUERY, SET, SUPPORT, ProblemSpec
 from metalab.tracking.registry import model_uri
@@ -65,7 +66,8 @@ def load(model: str, tracking_uri: str | None) -> PyFuncModel:
     mlflow.set_tracking_uri(tracking_uri or default_tracking_uri())
     uri = model if ":" in model or Path(model).exists() else model_uri(model)
     try:
-        loaded = mlflow.pyfunc.load_model(uri)
+        with quiet_mlflow_models():
+            loaded = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError) as error:
         what = f"run {model}" if uri != model else model
         raise ConfigError(f"{what}: no metalab model there in {mlflow.get_tracking_uri()} ({error.__class__.__name__}: "

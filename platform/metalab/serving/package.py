@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -26,6 +22,7 @@ import torch
 from mlflow.models import Model
 from omegaconf import DictConfig, OmegaConf
 
+from metalab._quiet import quiet_mlflow_models
 from metalab.algorithms.base import MetaAlgorithm
 from metalab.checks import kind
 from metalab.errors import one_line
@@ -40,7 +37,6 @@ from metalab.tracking.registry import MODEL_ARTIFACT_PATH, MODEL_TAG
 MODEL_FOLDER = MODEL_ARTIFACT_PATH  # in the run's output folder, as in the run's artifacts
 ENTRY = Path(__file__).with_name("entry.py")  # the model's code (MLflow's models from code)
 # What the model needs, pinned to the versions that wrote it (inferring them would load the model in a subprocess).
-PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 REQUIREMENTS = ("metalab", "torch", "pytorch-lightning", "hydra-core", "mlflow", "pandas", "numpy", "learn2learn")
 
 
@@ -79,28 +75,6 @@ def small_example(task: Task, classification: bool) -> Task:
                 task.query_y[queries])
 
 
-@contextmanager
-def quiet_saving() -> Iterator[None]:
-    """MLflow's lines while it saves and checks the model, which a correct run does not print (it writes nothing
-    to stderr): its warning that pickled networks run code when loaded (chosen: see :func:`save_model`), its INFO
-    lines and its download progress bars (the input example is checked by loading the model). Errors still show."""
-    loggers = {name: logging.getLogger(name) for name in ("mlflow.pytorch", "mlflow.pyfunc", "mlflow.models")}
-    levels = {name: logger.level for name, logger in loggers.items()}
-    bar = os.environ.get(PROGRESS_BAR)
-    os.environ[PROGRESS_BAR] = "false"
-    for name, logger in loggers.items():
-        logger.setLevel(logging.ERROR if name == "mlflow.pytorch" else logging.WARNING)
-    try:
-        yield
-    finally:
-        for name, logger in loggers.items():
-            logger.setLevel(levels[name])
-        if bar is None:
-            del os.environ[PROGRESS_BAR]
-        else:
-            os.environ[PROGRESS_BAR] = bar
-
-
 def requirements() -> list[str]:
     pinned = []
     for name in REQUIREMENTS:
@@ -128,7 +102,7 @@ def save_model(path: Path, cfg: DictConfig, task: TaskFamily, learner: MetaLearn
              if classifier is not None else None}
     if path.exists():
         shutil.rmtree(path)
-    with tempfile.TemporaryDirectory() as scratch, quiet_saving():
+    with tempfile.TemporaryDirectory() as scratch, quiet_mlflow_models():
         files = Path(scratch)
         (files / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (files / "problem.json").write_text(spec.to_json())
