@@ -139,6 +139,13 @@ CHECKS: dict[str, Check] = {
     "metalab reproduce all --budget smoke": Check(shows="| maml_kanji_5w1s |", failed=7, slow=True, timeout_s=1800),
     "metalab reproduce all --from-mlflow --out table.md": Check(shows="| maml_omniglot_5w1s |", slow=True),
     "metalab runs --stale": Check(before=("metalab-train debug=smoke",), runs=1, shows="no stale runs"),
+    "metalab-train task=kanji algorithm=maml tracking.register_as=kanji-maml": Check(extra=SHORT_IMAGES, runs=1),
+    # As printed, with no folders of images here: the one line of a missing support folder (test_serving.py adapts).
+    "metalab adapt models:/kanji-maml/1 --support my_support --query my_queries":
+        Check(exit_status=3, shows="--support my_support is not a folder"),
+    "metalab compare --experiment kanji --register kanji-best":
+        Check(before=("metalab-train task=kanji algorithm=maml tracking.register_as=kanji-maml",), runs=1,
+              shows="registered as models:/kanji-best/1", slow=True),
     "make lint": Check(shows="All checks passed"),
     "make test-slow": Check("dry", shows="pytest -m slow"),
     "make test-all": Check("dry", shows="pytest"),

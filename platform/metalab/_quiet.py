@@ -2,6 +2,7 @@
 
 import logging
 import logging.handlers
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -103,3 +104,29 @@ def held_back_trainer_banner() -> Iterator[None]:
         logger.propagate = propagate
     for record in held.buffer:  # reached only when the block succeeded
         logger.handle(record)
+
+
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+@contextmanager
+def quiet_mlflow_models() -> Iterator[None]:
+    """MLflow's lines while it saves, checks or loads a model (:mod:`metalab.serving`), which a correct run or
+    ``metalab adapt`` does not print: its warning that a pickled network runs code when loaded (chosen: see
+    ``serving.package.save_model``), its INFO lines and its download progress bars (saving checks the input example
+    by loading the model). Its errors still show."""
+    loggers = {name: logging.getLogger(name) for name in ("mlflow.pytorch", "mlflow.pyfunc", "mlflow.models")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    bar = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"
+    for name, logger in loggers.items():
+        logger.setLevel(logging.ERROR if name == "mlflow.pytorch" else logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+        if bar is None:
+            del os.environ[PROGRESS_BAR]
+        else:
+            os.environ[PROGRESS_BAR] = bar

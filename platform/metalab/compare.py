@@ -52,6 +52,7 @@ class Comparison:
     curves: Curves  # what learning_curves.png shows
     sweep_id: str | None = None  # the sweep compared ("last" resolved)
     ranks: pd.Series | None = None  # --columns source: each row's average rank across the sources
+    best_run: str | None = None  # the single run with the best value of the metric
 
 
 def compare(tracking_uri: str | None = None, experiments: list[str] | None = None, sweep_id: str | None = None,
@@ -86,7 +87,9 @@ def compare(tracking_uri: str | None = None, experiments: list[str] | None = Non
     parent = store.sweep_parent(sweep_id, experiments) if sweep_id else None
     if parent:
         store.annotate(parent, files=files, folder="compare")
-    return Comparison(table, metric, files, warnings, curves, sweep_id, ranks)
+    values = runs.drop_duplicates("run_id").set_index("run_id")[f"metrics.{metric}"].dropna()
+    best_run = (values.idxmax() if higher_is_better else values.idxmin()) if len(values) else None
+    return Comparison(table, metric, files, warnings, curves, sweep_id, ranks, best_run)
 
 
 SOURCE_COLUMNS = "source"  # --columns source: Meta-Dataset's table, a column per source of multi-source runs
@@ -241,6 +244,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--columns", default="task",
                         help="a config key, or 'source': a column per source of multi-source runs, with average ranks")
     parser.add_argument("--out", type=Path, help="default: reports/<sweep id or 'compare'>")
+    parser.add_argument("--register", metavar="NAME",
+                        help="register the best run's model (by --metric) in the Model Registry as NAME, and tag the "
+                             "run metalab.best")
 
 
 def run(arguments: argparse.Namespace) -> None:
@@ -253,3 +259,7 @@ def run(arguments: argparse.Namespace) -> None:
         print(f"sweep {result.sweep_id} (the newest)")
     print(result.files[0].read_text())
     print("wrote " + ", ".join(str(file) for file in result.files))
+    if arguments.register:
+        store = RunStore(arguments.tracking_uri)
+        version = store.register_best(result.best_run, arguments.register, result.metric)
+        print(f"best run {result.best_run} by {result.metric}: registered as models:/{arguments.register}/{version}")

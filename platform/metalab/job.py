@@ -38,6 +38,7 @@ from metalab.learner import MetaLearner
 from metalab.progress import MetaProgressBar
 from metalab.reliability import Terminated
 from metalab.resume import plan_resume
+from metalab.serving.package import log_learner
 from metalab.sweep import check_objective
 from metalab.tasks.base import TaskFamily
 from metalab.timing import Phases, PhaseTimer
@@ -105,6 +106,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 print(f"metalab: stopped: {error}", file=sys.stderr, flush=True)
             raise error from None
         raise
+    if rank == 0:  # the learner as an MLflow Model that adapts to new support sets (not with tracking=none)
+        log_learner(tracking, cfg, task, learner, metrics)
     tracking.finish("FINISHED")
     if rank == 0:
         report(metrics, task, tracking, backend=learner.runner.chosen if learner.runner.backend == "auto" else None,

@@ -243,6 +243,15 @@ class MetaLearner(pl.LightningModule):
             self._record("pre", before, tasks)
         return self._record_adapted(tasks, context)
 
+    def adapted_predictions(self, tasks: Episodes, step: int | None = None) -> Predictions:
+        """Each task's query predictions after adaptation, computed as validation and test compute them (batch norm
+        as ``algorithm.eval_batch_norm`` says, evaluation's inner steps, first order, no running statistics
+        written), recording nothing: what a served model answers (:mod:`metalab.serving`). ``step``: the
+        meta-iteration the algorithm is told (default: this learner's; a served model passes its run's last)."""
+        context = Context(self.loss_fn, training=False, step=self.global_step if step is None else step)
+        with self._evaluation_batch_norm():
+            return self.runner.predictions(self.algorithm, tasks, context)
+
     def _evaluate_returns(self, tasks: Any, curve_steps: int = 0) -> None:
         """Record each environment task's mean return before and after adaptation (``pre_return``, ``post_return``,
         ``post_return_step<k>`` for k ≤ ``curve_steps``), as the algorithm's ``evaluate`` measures them, for the

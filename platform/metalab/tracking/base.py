@@ -26,6 +26,7 @@ class RunInfo:
 
 class Tracking(ABC):
     run_id: str | None = None
+    logs_models: bool = False  # whether a finished run's learner is saved and logged as an MLflow Model
 
     @abstractmethod
     def start(self, cfg: DictConfig, info: RunInfo) -> Logger | None:
@@ -56,6 +57,10 @@ class Tracking(ABC):
 
     def set_tags(self, tags: dict[str, str]) -> None:  # noqa: B027 (recording nothing is a valid default)
         """Add tags to the open run."""
+
+    def log_model(self, folder: Path, metrics: dict[str, float]) -> None:  # noqa: B027 (recording nothing is valid)
+        """Log the MLflow Model folder ``folder`` (:mod:`metalab.serving`) to the open run, and register it where
+        configured, with ``metrics`` (the run's ``meta_test/*``) as the version's tags."""
 
     @abstractmethod
     def finish(self, status: str, error: BaseException | None = None) -> None:

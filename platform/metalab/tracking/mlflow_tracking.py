@@ -22,6 +22,7 @@ from metalab.tracking.data import log_data
 from metalab.tracking.logger import MLflowRunLogger, ResumedMLFlowLogger
 from metalab.tracking.outbox import Outbox, system_monitor
 from metalab.tracking.pending import finish_run
+from metalab.tracking.registry import MODEL_ARTIFACT_PATH, MODEL_TAG, model_uri
 from metalab.tracking.sweeps import current_sweep
 from metalab.tracking.uri import DEFAULT_TRACKING_URI, require_reachable, ui_page
 
@@ -61,14 +62,22 @@ class MLflowTracking(Tracking):
         run_name: ``None`` = ``<algorithm>-<task>-<time>``, in a sweep ``<algorithm>-<task>-<swept values>-#<job>``.
         outage_wait_s: how long the end of a run waits for a store that does not take its records before leaving
             them in ``mlflow_pending.jsonl`` (the run then stays RUNNING in the store).
+        register_as: register a finished run's model (artifact ``model``, :mod:`metalab.serving`) in the Model
+            Registry under this name, a new version per run with its ``meta_test/*`` metrics as the version's tags;
+            ``None``: log the model, register nothing.
     """
 
+    logs_models = True
+
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str | None = None,
-                 run_name: str | None = None, outage_wait_s: float = 30.0) -> None:
+                 run_name: str | None = None, outage_wait_s: float = 30.0, register_as: str | None = None) -> None:
+        if register_as is not None and not register_as.strip():
+            raise ConfigError("tracking.register_as must be a model name or null, got an empty name")
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_name = run_name
         self.outage_wait_s = outage_wait_s
+        self.register_as = register_as
         self.outbox: Outbox | None = None  # the open run's
         self.run_id: str | None = None
         self.experiment_id: str | None = None  # the open run's
@@ -147,6 +156,15 @@ class MLflowTracking(Tracking):
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in fit_tags(tags).items():
             self.client.set_tag(self.run_id, key, value)
+
+    def log_model(self, folder: Path, metrics: dict[str, float]) -> None:
+        """Through the outbox, as every record: the folder, then its registration, reach the store in order, and
+        wait in ``mlflow_pending.jsonl`` for ``metalab sync`` if it does not answer."""
+        self.outbox.put(self.run_id, artifact=str(folder), artifact_path=MODEL_ARTIFACT_PATH)
+        self.set_tags({MODEL_TAG: model_uri(self.run_id)})
+        if self.register_as:
+            self.outbox.put(self.run_id, register=self.register_as,
+                            tags={name: f"{value:.6g}" for name, value in metrics.items()})
 
     def _open_outbox(self, output_dir: Path) -> None:
         """From here on the run's writes (metrics, tags, figures, its end) go through its outbox."""

@@ -2,7 +2,9 @@
 
 Every record a run writes to its MLflow store goes into this file first, one JSON object a line: metrics
 (key, value, timestamp, step), params, tags, an artifact (the path of its local copy, kept in
-``<output dir>/mlflow_pending/`` until stored) and the run's end (status, end time). The run's outbox
+``<output dir>/mlflow_pending/`` until stored; a folder, such as the run's MLflow Model in ``<output dir>/model``,
+is sent whole and kept), a registration of the run's model (:mod:`metalab.tracking.registry`) and the run's end
+(status, end time). The run's outbox
 (:mod:`metalab.tracking.outbox`) sends them from there and drops them once the store holds them, so what a
 tracking outage keeps from the store waits in the file: the run sends it when the store answers again, and
 ``metalab sync <output dir>`` sends what a run left behind. Each record names its store and run::
@@ -10,6 +12,7 @@ tracking outage keeps from the store waits in the file: the run sends it when th
     {"uri": "http://127.0.0.1:5000", "run": "4f0c...", "metrics": [["meta_train/loss", 0.71, 1767268800000, 5]]}
     {"uri": "http://127.0.0.1:5000", "run": "4f0c...", "artifact": "<output dir>/mlflow_pending/1a2b/inner_loop.png",
      "artifact_path": null}
+    {"uri": "http://127.0.0.1:5000", "run": "4f0c...", "register": "kanji-maml", "tags": {"meta_test/post_acc": "0.91"}}
     {"uri": "http://127.0.0.1:5000", "run": "4f0c...", "finish": "FINISHED", "end_time": 1767268860000}
 """
 
@@ -33,6 +36,7 @@ from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_PARAMS_TAGS_PER_
 
 from metalab.errors import ConfigError, one_line
 from metalab.figures import VALIDATION_CURVE, validation_curve
+from metalab.tracking.registry import register_version
 
 PENDING_FILE = "mlflow_pending.jsonl"
 PENDING_ARTIFACTS = "mlflow_pending"  # local copies of artifacts not stored yet (figures drawn during the run)
@@ -142,7 +146,7 @@ class PendingFile:
 
 def groups(lines: list[tuple[int, Record]]) -> Iterator[tuple[int, list[Record]]]:
     """Consecutive records that go to the store in one batch (same store and run, within MLflow's limits),
-    each group with the offset past its last record; an artifact or a run's end goes alone."""
+    each group with the offset past its last record; an artifact, a registration or a run's end goes alone."""
     group: list[Record] = []
     size = end = 0
     for offset, record in lines:
@@ -159,7 +163,7 @@ def groups(lines: list[tuple[int, Record]]) -> Iterator[tuple[int, list[Record]]
 
 
 def _is_data(record: Record) -> bool:
-    return not ({"artifact", "finish"} & record.keys())
+    return not ({"artifact", "register", "finish"} & record.keys())
 
 
 class Sender:
@@ -167,7 +171,8 @@ class Sender:
 
     ``verify``: a send that failed may still have been stored (only its answer was lost), and a file left
     behind holds records sent before the process ended, so metric values the store already holds (same key,
-    step, timestamp and value) are dropped first; params, tags, artifacts and the run's end can be sent twice.
+    step, timestamp and value) are dropped first; params, tags, artifacts and the run's end can be sent twice, and a
+    registration sent twice finds the run's version.
     """
 
     def __init__(self, tracking_uri: str | None = None) -> None:
@@ -186,8 +191,14 @@ class Sender:
         client = self._clients.get(uri) or self._clients.setdefault(uri, MlflowClient(uri))
         if "artifact" in first:
             path = Path(first["artifact"])
-            client.log_artifact(run, str(path), first.get("artifact_path"))
+            if path.is_dir():  # the run's model folder: its files under artifact_path
+                client.log_artifacts(run, str(path), first.get("artifact_path"))
+            else:
+                client.log_artifact(run, str(path), first.get("artifact_path"))
             return [path]
+        if "register" in first:
+            register_version(client, first["register"], run, first.get("tags", {}))
+            return []
         if "finish" in first:
             finish_run(client, run, first["finish"], first.get("end_time"))
             return []

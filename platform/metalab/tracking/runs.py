@@ -13,7 +13,10 @@ from mlflow.tracking import MlflowClient
 from metalab.errors import ConfigError
 from metalab.tracking.client import fit_tags
 from metalab.tracking.data import data_digest
+from metalab.tracking.registry import register_version, require_model
 from metalab.tracking.uri import default_tracking_uri
+
+BEST_TAG = "metalab.best"  # on the run `metalab compare --register` found best: the metric and its value
 
 
 @dataclass
@@ -116,3 +119,13 @@ class RunStore:
             self.client.log_text(run_id, text, artifact_file)
         for file in files:
             self.client.log_artifact(run_id, str(file), folder)
+
+    def register_best(self, run_id: str, name: str, metric: str) -> str:
+        """Mark run ``run_id`` as the best by ``metric`` (tag ``metalab.best``) and register its model as a version
+        of ``name`` (its ``meta_test/*`` metrics as the version's tags; a run registered there before keeps its
+        version); return the version. ConfigError if the run logged no model."""
+        require_model(self.client, run_id)
+        run = self.client.get_run(run_id)
+        self.client.set_tag(run_id, BEST_TAG, f"{metric} = {run.data.metrics[metric]:.6g} (metalab compare)")
+        tags = {key: f"{value:.6g}" for key, value in run.data.metrics.items() if key.startswith("meta_test/")}
+        return register_version(self.client, name, run_id, tags)
