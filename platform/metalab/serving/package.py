@@ -15,9 +15,11 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 import mlflow.pyfunc
 import mlflow.pytorch
+import mlflow.utils.environment
 import torch
 from mlflow.models import Model
 from omegaconf import DictConfig, OmegaConf
@@ -102,7 +104,11 @@ def save_model(path: Path, cfg: DictConfig, task: TaskFamily, learner: MetaLearn
              if classifier is not None else None}
     if path.exists():
         shutil.rmtree(path)
-    with tempfile.TemporaryDirectory() as scratch, quiet_mlflow_models():
+    # MLflow checks pip_requirements against the running environment, building importlib's map of every installed
+    # package's files (~2 s a process); ours are the running versions (requirements()), so it cannot find a mismatch.
+    no_recheck = mock.patch.object(mlflow.utils.environment, "warn_dependency_requirement_mismatches",
+                                   lambda requirements: None)
+    with tempfile.TemporaryDirectory() as scratch, quiet_mlflow_models(), no_recheck:
         files = Path(scratch)
         (files / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (files / "problem.json").write_text(spec.to_json())
