@@ -66,6 +66,26 @@ def check_objective(objective: str, metrics: Mapping[str, float]) -> None:
         raise TrialFailed(f"objective {objective} is {metrics[objective]}: the trial cannot be ranked")
 
 
+def study_storage_problem(sweeper: DictConfig) -> str | None:
+    """Why an Optuna study cannot be kept in a database here, or ``None`` (no ``hydra.sweeper.storage``).
+
+    hydra-optuna-sweeper 1.3.0 pins optuna < 3, and optuna 2.10.1's RDB storage does not work beside the
+    SQLAlchemy 2 that MLflow needs: it creates its tables but never commits its schema version, and fails on
+    SQLite and PostgreSQL alike (``assert version is not None``, a traceback after the sweep began). So several
+    workers cannot share a study until the search runs on Optuna >= 3 (issue 23); say so in one line first.
+    """
+    if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
+        return None
+    import optuna
+    import sqlalchemy
+
+    if int(optuna.__version__.split(".")[0]) >= 3 or int(sqlalchemy.__version__.split(".")[0]) < 2:
+        return None
+    return (f"hydra.sweeper.storage: optuna {optuna.__version__} (pinned by hydra-optuna-sweeper) cannot keep a "
+            f"study in a database beside SQLAlchemy {sqlalchemy.__version__} (MLflow's); drop the storage override "
+            "to search in memory, in one process")
+
+
 def _tracked(config: DictConfig) -> bool:
     return str(config.get("tracking", {}).get("_target_", "")).endswith("MLflowTracking")
 
@@ -80,6 +100,9 @@ class MLflowSweepCallback(Callback):
     """Opens and closes the parent run of a multirun (no-op with ``tracking=none``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if (problem := study_storage_problem(config.hydra.sweeper)) is not None:
+            print(f"metalab: error: {problem}", file=sys.stderr)  # before any parent run or job
+            raise SystemExit(2)
         if not _tracked(config):
             return
         try:

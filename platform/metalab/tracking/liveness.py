@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -29,6 +29,8 @@ from metalab.tracking.runs import RunStore
 HOST_TAG = "metalab.host"
 PID_TAG = "metalab.pid"
 HEARTBEAT_TAG = "metalab.heartbeat"
+SLURM_JOB_TAG = "metalab.slurm_job_id"
+SLURM_RESTARTS_TAG = "metalab.slurm_restarts"
 HEARTBEAT_EVERY_S = 30.0  # one tag write per 30 s: nothing next to a step's metric writes
 STALE_AFTER = timedelta(minutes=10)  # the default silence after which a run on another host counts as stale
 
@@ -47,7 +49,8 @@ class Heartbeat(Callback):
         self._last = float("-inf")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        report(trainer.logger, tags={HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: now()})
+        report(trainer.logger, tags={HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), HEARTBEAT_TAG: now(),
+                                     **slurm_tags(os.environ)})
         self._last = time.monotonic()
 
     def _beat(self, trainer: pl.Trainer) -> None:
@@ -63,6 +66,18 @@ class Heartbeat(Callback):
 
     def on_test_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         self._beat(trainer)
+
+
+def slurm_tags(environment: Mapping[str, str]) -> dict[str, str]:
+    """Under SLURM, the job's id as ``squeue``/``sacct`` name it (``12_3``: array 12, task 3, as submitit submits a
+    sweep) and how often SLURM restarted it (a requeue continues the same run): a run found in MLflow leads to
+    its job's logs. Outside SLURM, nothing."""
+    if "SLURM_JOB_ID" not in environment:
+        return {}
+    job = environment["SLURM_JOB_ID"]
+    if "SLURM_ARRAY_JOB_ID" in environment and "SLURM_ARRAY_TASK_ID" in environment:
+        job = f"{environment['SLURM_ARRAY_JOB_ID']}_{environment['SLURM_ARRAY_TASK_ID']}"
+    return {SLURM_JOB_TAG: job, SLURM_RESTARTS_TAG: environment.get("SLURM_RESTART_COUNT", "0")}
 
 
 @dataclass
