@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -246,6 +247,27 @@ def test_a_regression_model_answers_as_the_test_step(tmp_path: Path) -> None:
     model = mlflow.pyfunc.load_model(str(run.output_dir / "model"))
     assert spec_of(model) == ProblemSpec("regression", "vectors", (1,), None, 1)
     assert_answers(model.predict(problem_frame(run.task, spec_of(model))), run.predictions)
+
+
+def test_a_text_model_tokenises_raw_text_as_its_run_did(tmp_path: Path) -> None:
+    """task=wordnet: the model carries the run's tokeniser; raw glosses sent to it are answered as the learner
+    answers the same glosses tokenised by the family (the tokeniser is trained on the training split alone)."""
+    small = ("model.embedding_size=16", "model.filters=16", "task.vocab_size=2000")
+    run = tiny_run(tmp_path, "algorithm=protonet", "task=wordnet", *small, "debug=smoke", "trainer.max_steps=2",
+                   "trainer.val_check_interval=2", "task.val_tasks=2", "task.test_tasks=2", "task.eval_batch_size=2",
+                   "task.queries=2", "task.meta_batch_size=2", "runner.backend=loop")
+    family = instantiate(compose_job(tmp_path / "family", ["task=wordnet", "task.vocab_size=2000"]).task)
+    glosses = family.read_texts("test")
+    chosen = {label: [i for i, other in enumerate(glosses.labels) if other == label][:3] for label in (0, 1)}
+    texts = [glosses.texts[chosen[label][0]] for label in (0, 1)] + [glosses.texts[i] for label in (0, 1)
+                                                                     for i in chosen[label][1:]]
+    inputs = family.serve(torch.tensor([encoding.ids for encoding in family.tokenizer.encode_batch(texts)]))
+    task = Task({key: value[:2] for key, value in inputs.items()}, torch.tensor([0, 1]),
+                {key: value[2:] for key, value in inputs.items()}, torch.tensor([0, 0, 1, 1]))
+    expected = run.learner.adapted_predictions(Episodes.of([task]))[0]
+    model = mlflow.pyfunc.load_model(str(run.output_dir / "model"))
+    assert spec_of(model).inputs == "texts"
+    assert_answers(model.predict(problem_frame(task, spec_of(model), texts)), expected)
 
 
 def test_a_model_that_cannot_be_saved_is_one_warning_and_the_run_finishes(
