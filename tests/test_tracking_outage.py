@@ -183,6 +183,8 @@ def assert_complete(client: MlflowClient, run: Run) -> None:
     system = history(client, run, "system/cpu_utilization_percentage")  # sampled every 0.5 s, outage or not
     assert len(system) >= 4 and system == list(range(len(system)))
     assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/validation_curve.png"]
+    # The learner as an MLflow Model goes through the same outbox: stored whole once the server answers.
+    assert {"model/MLmodel", "model/artifacts"} <= {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "metalab.tracking_pending" not in run.data.tags
 
 
