@@ -106,6 +106,8 @@ BAD_INPUTS = [
      "task.train_ways=20 differs from task.ways=5, but algorithm=maml predicts with a head of one output per way"),
     (["hardware=ddp_cpu", "task.meta_batch_size=1"],
      "task.meta_batch_size=1 gives some of the 2 processes of this run no task: make it at least 2"),
+    (["hardware=ddp_cpu", "algorithm=finetune", "task=kanji", "task.num_classes=150", "task.max_alphabet_size=20",
+      "task.cache_dir=cache"], "algorithm=finetune pre-trains on mini-batches of examples that every process would"),
     (["runner.backend=vmap", "algorithm=reptile"],
      "runner.backend=vmap: Reptile declares no vectorised_adapt, so it cannot run vectorised"),
     (["runner.backend=loops"], "runner.backend must be loop, threads, vmap or auto, got 'loops'"),

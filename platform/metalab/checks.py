@@ -147,6 +147,11 @@ def check_distributed(trainer: pl.Trainer, task: TaskFamily, learner: MetaLearne
     processes = trainer.world_size
     if processes == 1:
         return
+    if not learner.algorithm.episodic:
+        choices = HydraConfig.get().runtime.choices
+        raise ConfigError(f"algorithm={choices.get('algorithm')} pre-trains on mini-batches of examples that every "
+                          "process would draw alike (they are not split between processes): run it in one process "
+                          "(hardware=cpu or gpu)")
     if task.meta_batch_size < processes:
         raise ConfigError(f"task.meta_batch_size={task.meta_batch_size} gives some of the {processes} processes of "
                           f"this run no task: make it at least {processes}")
