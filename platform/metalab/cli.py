@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 
-from metalab import adapt, compare, reproduce, runs, sync
+from metalab import compare, reproduce, runs, sync
 from metalab._quiet import quiet_lightning
 from metalab.errors import DATA_MISSING_EXIT_CODE, DataMissingError, one_line
+from metalab.serving import adapt
 
 
 def main(argv: list[str] | None = None) -> None:
