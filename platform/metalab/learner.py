@@ -26,7 +26,6 @@ from metalab.tasks.base import Problem
 from metalab.tasks.episodes import Episodes, Task
 from metalab.tracking import records_figures, report
 
-PRETRAIN_LOSS = "pretrain/loss"  # a non-episodic algorithm's training loss (meta_train/loss for the others)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
@@ -128,7 +127,7 @@ class MetaLearner(pl.LightningModule):
             raise DivergenceError(f"pretrain/loss is {loss.item()} at step {self.global_step}: training diverged; "
                                   f"lower optimizer.lr; {kept_checkpoint(self._trainer)}")
         if self._writes_step_metrics():
-            self.log(PRETRAIN_LOSS, loss.detach(), batch_size=len(labels))
+            self.log("pretrain/loss", loss.detach(), batch_size=len(labels))
             self.log("pretrain/acc", self._accuracy(logits.detach(), labels), batch_size=len(labels))
         return loss
 
