@@ -79,9 +79,11 @@ def reference_dual(support: np.ndarray, labels: np.ndarray, ways: int, c_reg: fl
     equality = np.kron(np.eye(samples), np.ones((1, ways)))
     constraints = [{"type": "ineq", "fun": lambda z: c_reg * one_hot - z, "jac": lambda z: -np.eye(len(z))},
                    {"type": "eq", "fun": lambda z: equality @ z, "jac": lambda z: equality}]
+    # ftol 1e-12: at 1e-15 SLSQP's line search failed on 17 of 200 inputs perturbed by 1e-13 (CI's BLAS gave one);
+    # at 1e-12 none of 1,200 failed and the solution stayed within 2e-7 of the tested solver's.
     result = minimize(lambda z: 0.5 * z @ quadratic @ z - one_hot @ z, np.zeros(samples * ways),
                       jac=lambda z: quadratic @ z - one_hot, method="SLSQP", constraints=constraints,
-                      options={"ftol": 1e-15, "maxiter": 1000})
+                      options={"ftol": 1e-12, "maxiter": 1000})
     assert result.success, result.message
     return result.x.reshape(samples, ways)
 
