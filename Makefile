@@ -20,7 +20,7 @@ setup: $(STAMP)
 
 # Re-run only when what defines the environment changes.
 $(STAMP): $(ROOT)/pyproject.toml $(ROOT)/requirements/lock.txt $(ROOT)/scripts/build_learn2learn.py \
-          $(ROOT)/scripts/build_qpth.py
+          $(ROOT)/scripts/build_qpth.py $(ROOT)/platform/hydra_plugins/metalab_optuna_sweeper.py
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if v == (3, 11) else "metalab needs Python 3.11, found %d.%d: run `make PYTHON=python3.11 setup`" % v)'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r $(ROOT)/requirements/lock.txt

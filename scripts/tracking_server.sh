@@ -4,12 +4,16 @@
 #
 #   scripts/tracking_server.sh start [DIR]   # prints the tracking URI, e.g. http://127.0.0.1:5000
 #   scripts/tracking_server.sh stop [DIR]
+#   scripts/tracking_server.sh study-storage [DIR]  # prints the SQLAlchemy URL of the Optuna studies' database
 #
 # DIR (default .cache/tracking-server) holds postgres/ (the database cluster), artifacts/ (what the server
 # stores for runs), the logs and the pid file. Environment, the names docker/.env.example uses:
 #   POSTGRES_USER (mlflow), POSTGRES_PASSWORD (generated on first start and kept in DIR/credentials if unset),
 #   POSTGRES_DB (mlflow), MLFLOW_PORT (5000), MLFLOW_WORKERS (2), MLFLOW_ALLOWED_HOSTS (localhost:*,127.0.0.1:*),
 #   and POSTGRES_PORT (55432; compose does not publish the database, so this one is native only).
+# Beside MLflow's database, `start` creates OPTUNA_DB (optuna) for Optuna studies that several workers share
+# (`hydra.sweeper.storage=$(scripts/tracking_server.sh study-storage DIR)`): its own database, as Optuna and
+# MLflow both keep an `alembic_version` table.
 # PostgreSQL is installed from Debian's packages if missing (as root); it refuses to run as root, so as root
 # its commands run as the `postgres` user.
 set -euo pipefail
@@ -19,6 +23,7 @@ COMMAND="${1:-}"
 DIR="${2:-$ROOT/.cache/tracking-server}"
 POSTGRES_USER="${POSTGRES_USER:-mlflow}"
 POSTGRES_DB="${POSTGRES_DB:-mlflow}"
+OPTUNA_DB="${OPTUNA_DB:-optuna}"
 POSTGRES_PORT="${POSTGRES_PORT:-55432}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 MLFLOW_WORKERS="${MLFLOW_WORKERS:-2}"
@@ -106,10 +111,13 @@ start() {
       "-c listen_addresses=127.0.0.1 -p $POSTGRES_PORT -c unix_socket_directories=''" start >/dev/null \
       || die "PostgreSQL did not start: $data/server.log"
   fi
-  if ! PGPASSWORD="$pass" "$bin/psql" -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" -d postgres -tAc \
-      "SELECT 1 FROM pg_database WHERE datname = '$POSTGRES_DB'" | grep -q 1; then
-    PGPASSWORD="$pass" "$bin/createdb" -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" "$POSTGRES_DB"
-  fi
+  local db
+  for db in "$POSTGRES_DB" "$OPTUNA_DB"; do
+    if ! PGPASSWORD="$pass" "$bin/psql" -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+      PGPASSWORD="$pass" "$bin/createdb" -h 127.0.0.1 -p "$POSTGRES_PORT" -U "$POSTGRES_USER" "$db"
+    fi
+  done
   # The same options as the mlflow service in docker/compose.yaml (tests/test_docker.py compares them). The
   # backend URI holds the password, so it goes in the environment (MLflow's variable for --backend-store-uri),
   # not on the command line every local user can read with `ps`.
@@ -145,8 +153,14 @@ stop() {
   fi
 }
 
+study_storage() {
+  [ -s "$DIR/postgres/PG_VERSION" ] || die "no database in $DIR: \`$0 start $DIR\` first"
+  echo "postgresql+psycopg2://$POSTGRES_USER:$(urlquote "$(password)")@127.0.0.1:$POSTGRES_PORT/$OPTUNA_DB"
+}
+
 case "$COMMAND" in
   start) mkdir -p "$DIR"; DIR="$(cd "$DIR" && pwd)"; start ;;
   stop) if [ -d "$DIR" ]; then DIR="$(cd "$DIR" && pwd)"; stop; fi ;;
-  *) die "usage: $0 start|stop [DIR]" ;;
+  study-storage) DIR="$(cd "$DIR" && pwd)"; study_storage ;;
+  *) die "usage: $0 start|stop|study-storage [DIR]" ;;
 esac

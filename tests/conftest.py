@@ -6,6 +6,8 @@ import itertools
 import os
 import subprocess
 import sys
+import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +56,26 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
                    if key not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")} | (env or {})
     return subprocess.run([*command, *args], cwd=cwd, env=environment, capture_output=True, text=True,
                           timeout=600)
+
+
+@pytest.fixture(scope="session")
+def server() -> str:
+    """The tracking server's URI; CI must provide one (a skip there would hide a broken server)."""
+    uri = os.environ.get("METALAB_TEST_SERVER_URI", "").rstrip("/")
+    if not uri:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but METALAB_TEST_SERVER_URI is unset: .ci/run starts the server "
+                        "(scripts/tracking_server.sh) and exports it")
+        pytest.skip("no tracking server: start one with `scripts/tracking_server.sh start` and set "
+                    "METALAB_TEST_SERVER_URI to the URI it prints")
+    with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
+        assert response.status == 200
+    return uri
+
+
+def experiment_name(kind: str) -> str:
+    """A fresh experiment per test run, so reruns against a long-lived server never collide."""
+    return f"metalab-test-{kind}-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(scope="session")

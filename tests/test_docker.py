@@ -175,6 +175,16 @@ def test_database_and_artifacts_live_on_named_volumes(compose: dict[str, Any]) -
     assert mounts["mlflow"]["/artifacts"] in compose["volumes"]
 
 
+def test_the_database_holds_optuna_s_studies_apart_from_mlflow_s_runs(compose: dict[str, Any]) -> None:
+    """Both the compose file's PostgreSQL and the native script's create the `optuna` database (its own: Optuna and
+    MLflow both keep an `alembic_version` table)."""
+    mounts = dict(volume.split(":")[::-1] for volume in compose["services"]["db"]["volumes"])
+    init = DOCKER / mounts["/docker-entrypoint-initdb.d"]
+    assert [p.read_text().split("\n")[-2] for p in init.glob("*.sql")] == ["CREATE DATABASE optuna;"]
+    script = (ROOT / "scripts" / "tracking_server.sh").read_text()
+    assert 'OPTUNA_DB="${OPTUNA_DB:-optuna}"' in script and 'for db in "$POSTGRES_DB" "$OPTUNA_DB"' in script
+
+
 def test_services_wait_for_healthy_dependencies(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert "pg_isready" in " ".join(services["db"]["healthcheck"]["test"])

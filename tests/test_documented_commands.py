@@ -81,6 +81,8 @@ CHECKS: dict[str, Check] = {
         Check("cfg", shows="accelerator: gpu"),
     "metalab-train hparams_search=maml_optuna hydra.sweeper.n_trials=30":
         Check(extra=(*SHORT, "hydra.sweeper.n_trials=2"), runs=3, slow=True),
+    "metalab-train hparams_search=maml_optuna hydra.sweeper.storage=sqlite:///study.db hydra.sweeper.study_name=lr":
+        Check(extra=(*SHORT, "hydra.sweeper.n_trials=2"), runs=3, shows="(created by this worker)"),
     "metalab compare --sweep last": Check(before=("metalab-train -m algorithm=maml,fomaml seed=0,1,2",),
                                           runs=7, shows="| maml |", slow=True),
     "metalab-train hardware=ddp task=omniglot task.meta_batch_size=32": Check("cfg", shows="strategy: ddp"),

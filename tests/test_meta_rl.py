@@ -240,7 +240,7 @@ def test_an_optuna_search_on_nav2d_ranks_trials_by_their_highest_return(tmp_path
                       "task.val_tasks=2", "task.test_tasks=2", "model.hidden_sizes=[8]", "callbacks=none",
                       "trainer.enable_checkpointing=false"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    assert "Directions: ['maximize']" in result.stdout + result.stderr
+    assert re.search(r"Study maml_inner_loop in \S+: maximize, 2 trials in all", result.stdout + result.stderr)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
     [parent] = [run for run in runs if run.data.tags.get("metalab.sweep_parent") == "true"]

@@ -20,8 +20,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN
-from tests.test_tracking_server import experiment_name
+from tests.conftest import BIN, experiment_name
 
 pytestmark = pytest.mark.slow  # ~75 s: one sweep whose job starts twice; .ci/run runs it in `make test-slow`
 

@@ -5,36 +5,12 @@ scripts/tracking_server.sh, as docker/compose.yaml runs it."""
 from __future__ import annotations
 
 import math
-import os
-import urllib.request
-import uuid
 from pathlib import Path
 
-import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def server() -> str:
-    """The tracking server's URI; CI must provide one (a skip there would hide a broken server)."""
-    uri = os.environ.get("METALAB_TEST_SERVER_URI", "").rstrip("/")
-    if not uri:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but METALAB_TEST_SERVER_URI is unset: .ci/run starts the server "
-                        "(scripts/tracking_server.sh) and exports it")
-        pytest.skip("no tracking server: start one with `scripts/tracking_server.sh start` and set "
-                    "METALAB_TEST_SERVER_URI to the URI it prints")
-    with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
-        assert response.status == 200
-    return uri
-
-
-def experiment_name(kind: str) -> str:
-    """A fresh experiment per test run, so reruns against a long-lived server never collide."""
-    return f"metalab-test-{kind}-{uuid.uuid4().hex[:10]}"
+from tests.conftest import experiment_name, run_cli
 
 
 def runs_of(client: MlflowClient, name: str) -> list[Run]:

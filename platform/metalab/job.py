@@ -38,6 +38,7 @@ from metalab.learner import MetaLearner
 from metalab.progress import MetaProgressBar
 from metalab.reliability import Terminated
 from metalab.resume import plan_resume
+from metalab.search.pruning import TrialPruned, trial_pruning
 from metalab.serving.package import log_learner
 from metalab.sweep import check_objective
 from metalab.tasks.base import TaskFamily
@@ -75,6 +76,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             check_distributed(trainer, task, learner)
         if plan is not None and (apply_changes := plan.callback()) is not None:
             trainer.callbacks.append(apply_changes)  # optimiser settings go into the checkpoint as it loads
+        if (pruning := trial_pruning(cfg.objective)) is not None:  # a trial of hydra/sweeper=optuna reports to
+            trainer.callbacks.append(pruning)                      # its study after each validation
         if rank == 0:  # one MLflow run per job, never one per process
             logger = tracking.resume(resume) if resume else tracking.start(cfg, info)
             if plan is not None:
@@ -87,10 +90,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
             header(cfg, learner, trainer, tracking, plan.choices if plan is not None else None)
             if plan is not None and plan.changes:
                 print(f"  resumed with changes: {plan.describe()}", flush=True)
+            if pruning is not None:
+                tracking.set_tags({"metalab.optuna_study": pruning.study_name,
+                                   "metalab.optuna_trial": str(pruning.trial.number)})
         with warnings.catch_warnings():
             if checkpoint:  # a resumed run goes on in its own checkpoint folder: not empty, by design
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(learner, datamodule=task, ckpt_path=checkpoint)
+        if pruning is not None and pruning.pruned is not None:  # stopped on purpose: KILLED, tagged, explained
+            if rank == 0:
+                tracking.set_tags({"metalab.pruned": "true", "metalab.pruned_at_step": str(pruning.pruned.step),
+                                   "mlflow.note.content": pruning.pruned.explanation})
+            raise TrialPruned(pruning.pruned.explanation)
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()
                    if name.startswith("meta_val/")}  # the last validation: what sweeps optimise
         metrics |= trainer.test(learner, datamodule=task, verbose=False)[0]
@@ -99,8 +110,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if isinstance(error, SIGTERMException):  # Lightning's: it stopped after a step (its exit status would be 0)
             error = Terminated.after(trainer, tracking.run_id)
         # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1).
-        interrupted = isinstance(error, KeyboardInterrupt | SystemExit)
-        tracking.finish("KILLED" if interrupted else "FAILED", error)
+        interrupted = isinstance(error, KeyboardInterrupt | SystemExit | TrialPruned)
+        tracking.finish("KILLED" if interrupted else "FAILED", None if isinstance(error, TrialPruned) else error)
         if isinstance(error, Terminated):
             if rank == 0:
                 print(f"metalab: stopped: {error}", file=sys.stderr, flush=True)

@@ -2,10 +2,11 @@
 
 A Hydra callback (``hydra.callbacks.mlflow_sweep`` in ``conf/config.yaml``) opens the parent run when
 the multirun starts (:func:`metalab.tracking.sweeps.open_sweep`, which tells each job, in whatever process
-or machine the launcher runs it, where its parent is) and prints the sweep's id with the command that
-compares its runs. When the multirun ends the callback counts finished and failed jobs on the parent,
-records the best trial of an Optuna search (Hydra's ``optimization_results.yaml``) and closes the parent
-FINISHED; if the sweep itself dies first (Hydra calls no callback then), the parent is closed FAILED at exit.
+or machine the launcher runs it, where its parent is; the workers of one Optuna study share one parent,
+:func:`study_sweep`) and prints the sweep's id with the command that compares its runs. When the multirun
+ends the callback counts finished and failed jobs on the parent, records the best trial of an Optuna search
+(``optimization_results.yaml``) and closes the parent FINISHED; if the sweep itself dies first (Hydra calls
+no callback then), the parent is closed FAILED at exit.
 
 A failed job of a search (:func:`searching`) is a failed trial: :func:`job_failed` raises, as Optuna expects
 of an objective that fails, and the search goes on (``hydra.sweeper.max_failure_rate``).
@@ -16,7 +17,9 @@ from __future__ import annotations
 import atexit
 import math
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +30,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metalab.errors import ConfigError, one_line
-from metalab.tracking.sweeps import Sweep, close_sweep, open_sweep, swept_keys
+from metalab.search.study import SWEEPER, join_study, study_place
+from metalab.search.sweeper import RESULTS
+from metalab.tracking.sweeps import Sweep, close_sweep, join_sweep, open_sweep, swept_keys
 from metalab.tracking.uri import default_tracking_uri
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+PARENT_ATTR = "metalab.sweep"  # the study's user attribute holding its parent run (a Sweep, as a dict)
+PARENT_WAIT_S = 60.0  # how long a joining worker waits for the first to record the parent
 
 
 class TrialFailed(RuntimeError):
@@ -66,26 +73,6 @@ def check_objective(objective: str, metrics: Mapping[str, float]) -> None:
         raise TrialFailed(f"objective {objective} is {metrics[objective]}: the trial cannot be ranked")
 
 
-def study_storage_problem(sweeper: DictConfig) -> str | None:
-    """Why an Optuna study cannot be kept in a database here, or ``None`` (no ``hydra.sweeper.storage``).
-
-    hydra-optuna-sweeper 1.3.0 pins optuna < 3, and optuna 2.10.1's RDB storage does not work beside the
-    SQLAlchemy 2 that MLflow needs: it creates its tables but never commits its schema version, and fails on
-    SQLite and PostgreSQL alike (``assert version is not None``, a traceback after the sweep began). So several
-    workers cannot share a study until the search runs on Optuna >= 3 (issue 23); say so in one line first.
-    """
-    if "optuna" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
-        return None
-    import optuna
-    import sqlalchemy
-
-    if int(optuna.__version__.split(".")[0]) >= 3 or int(sqlalchemy.__version__.split(".")[0]) < 2:
-        return None
-    return (f"hydra.sweeper.storage: optuna {optuna.__version__} (pinned by hydra-optuna-sweeper) cannot keep a "
-            f"study in a database beside SQLAlchemy {sqlalchemy.__version__} (MLflow's); drop the storage override "
-            "to search in memory, in one process")
-
-
 def _tracked(config: DictConfig) -> bool:
     return str(config.get("tracking", {}).get("_target_", "")).endswith("MLflowTracking")
 
@@ -100,17 +87,13 @@ class MLflowSweepCallback(Callback):
     """Opens and closes the parent run of a multirun (no-op with ``tracking=none``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if (problem := study_storage_problem(config.hydra.sweeper)) is not None:
-            print(f"metalab: error: {problem}", file=sys.stderr)  # before any parent run or job
-            raise SystemExit(2)
         if not _tracked(config):
             return
         try:
-            sweep = open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri,
-                               config.tracking.experiment_name,
-                               tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
-                                     "metalab.sweeper": str(config.hydra.sweeper._target_)},
-                               swept=swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params") or {}))
+            if config.hydra.sweeper.get("_target_") == SWEEPER:
+                sweep = study_sweep(config)
+            else:
+                sweep = open_parent(config)
         except ConfigError as error:  # Hydra would make it a warning and run every job into the same error
             print(f"metalab: error: {error}", file=sys.stderr)
             raise SystemExit(1) from None
@@ -124,14 +107,62 @@ class MLflowSweepCallback(Callback):
         if sweep is None:
             return
         atexit.unregister(_close_abandoned)
-        results = folder / "optimization_results.yaml"
+        results = folder / RESULTS
         if results.exists():  # written by the Optuna sweeper only
             best = yaml.safe_load(results.read_text())
-            counts = close_sweep(sweep, best.get("best_params"), best.get("best_value"), files=[results])
+            running = best.get("trials", {}).get("running", 0)  # other workers' trials of a shared study
+            counts = close_sweep(sweep, best.get("best_params"), best.get("best_value"), files=[results],
+                                 status=None if running else "FINISHED")
+            if running:
+                print(f"sweep {sweep.sweep_id}: this worker is done; {running} trials of study {best['name']} still "
+                      "run in other workers, so its parent run stays open until the last one ends", flush=True)
+                return
         else:
             counts = close_sweep(sweep)
         print(f"sweep {sweep.sweep_id} done: {counts['sweep/jobs']} jobs, {counts['sweep/jobs_finished']} finished, "
-              f"{counts['sweep/jobs_failed']} failed; compare them with: {compare_command(sweep)}", flush=True)
+              f"{counts['sweep/jobs_failed']} failed{_pruned(counts)}; compare them with: {compare_command(sweep)}",
+              flush=True)
+
+
+def _pruned(counts: dict[str, int]) -> str:
+    return f", {counts['sweep/jobs_pruned']} pruned" if counts.get("sweep/jobs_pruned") else ""
+
+
+def open_parent(config: DictConfig, tags: dict[str, str] | None = None) -> Sweep:
+    """A new parent run for this multirun."""
+    return open_sweep(Path(config.hydra.sweep.dir), config.tracking.tracking_uri, config.tracking.experiment_name,
+                      tags={"metalab.sweep_overrides": " ".join(config.hydra.overrides.task),
+                            "metalab.sweeper": str(config.hydra.sweeper._target_), **(tags or {})},
+                      swept=swept_keys(config.hydra.overrides.task, config.hydra.sweeper.get("params") or {}))
+
+
+def study_sweep(config: DictConfig) -> Sweep:
+    """The parent run of an Optuna study: one for all the workers that share the study.
+
+    The worker that creates the study opens the parent and records it in the study (a user attribute); a worker
+    that joins reads it there (waiting for the first to write it) and nests its jobs under it too.
+    """
+    place = study_place(config.hydra.sweeper, Path(config.hydra.sweep.dir))
+    study, created = join_study(place, str(config.hydra.sweeper.direction))
+    recorded = None if created else wait_for(lambda: study.user_attrs.get(PARENT_ATTR), PARENT_WAIT_S)
+    if recorded is None:  # the first worker (or one that died before recording its parent)
+        sweep = open_parent(config, {"metalab.optuna_study": place.name, "metalab.optuna_storage": place.shown})
+        study.set_user_attr(PARENT_ATTR, asdict(sweep))
+        return sweep
+    sweep = Sweep(**recorded)
+    if sweep.tracking_uri != config.tracking.tracking_uri:
+        raise ConfigError(f"tracking.tracking_uri={config.tracking.tracking_uri}, but study {place.name}'s parent run "
+                          f"is in {sweep.tracking_uri}: give every worker of the study the same tracking URI")
+    join_sweep(Path(config.hydra.sweep.dir), sweep)
+    return sweep
+
+
+def wait_for(read: Callable[[], Any], seconds: float) -> Any:
+    """``read()``'s first value that is not ``None``, polling for at most ``seconds``; else ``None``."""
+    deadline = time.monotonic() + seconds
+    while (value := read()) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return value
 
 
 def _close_abandoned(sweep: Sweep) -> None:

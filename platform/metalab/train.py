@@ -30,10 +30,14 @@ def main(cfg: DictConfig) -> float:
     """Returns the value a sweeper optimises: ``objective`` (default ``meta_val/post_loss``)."""
     plain_lightning_logs()
     from metalab.job import train  # here: only a job imports torch, Lightning, MLflow and learn2learn
+    from metalab.search.pruning import TrialPruned
     from metalab.sweep import job_failed
 
     try:
         metrics = train(cfg)
+    except TrialPruned as pruned:  # not an error: the sweeper records the trial as pruned
+        print(f"metalab: {pruned}", flush=True)
+        raise
     except Exception as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -73,7 +73,9 @@ def job_label(sweep: Sweep | None, skip: Collection[str] = ()) -> str:
     label = "-".join(values)
     if len(label) > LABEL_LENGTH:
         label = label[:LABEL_LENGTH - 1] + "…"
-    number = OmegaConf.select(job, "job.num", default=None)  # unset where a job is composed outside a launcher
+    number = OmegaConf.select(job, "sweeper.trial", default=None)  # an Optuna trial's number: unique in its study,
+    if number is None:                                               # over all the workers that share it
+        number = OmegaConf.select(job, "job.num", default=None)  # unset where a job is composed outside a launcher
     parts = [label] if label else []
     return "-".join([*parts, f"#{number}"] if number is not None else parts) or "job"
 
@@ -99,24 +101,45 @@ def open_sweep(folder: Path, tracking_uri: str, experiment_name: str | None = No
     return sweep
 
 
+def join_sweep(folder: Path, sweep: Sweep) -> None:
+    """Nest this multirun's jobs under ``sweep``'s parent run, opened by another worker (a shared Optuna study):
+    write :data:`SWEEP_FILE` into ``folder`` and mark the parent RUNNING again if it had been closed."""
+    require_reachable(sweep.tracking_uri)
+    client = open_client(sweep.tracking_uri)
+    if client.get_run(sweep.parent_run_id).info.status != "RUNNING":
+        client.update_run(sweep.parent_run_id, status="RUNNING")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SWEEP_FILE).write_text(json.dumps(asdict(sweep)))
+
+
 def close_sweep(sweep: Sweep, best_params: Mapping[str, Any] | None = None, best_value: float | None = None,
-                files: Sequence[Path] = (), status: str = "FINISHED") -> dict[str, int]:
-    """Count the jobs' end states on the parent run (``sweep/jobs*``), record the best trial of a search
-    (params ``best.<key>``, metric ``sweep/best_value``) and ``files``, and close the parent with ``status``
-    (``FAILED``: the sweep itself stopped early); return the counts."""
+                files: Sequence[Path] = (), status: str | None = "FINISHED") -> dict[str, int]:
+    """Count the jobs' end states on the parent run (``sweep/jobs*``; a pruned trial's run is KILLED and counted
+    in ``sweep/jobs_pruned`` too), record the best trial of a search (params ``best.<key>``, metric
+    ``sweep/best_value``) and ``files``, and close the parent with ``status`` (``FAILED``: the sweep itself stopped
+    early; ``None``: leave it open, as other workers of its study still run trials); return the counts."""
     client = MlflowClient(sweep.tracking_uri)
     runs = client.search_runs([sweep.experiment_id], f"tags.`metalab.sweep_id` = '{sweep.sweep_id}'",
                               max_results=10_000)
-    statuses = [run.info.status for run in runs if run.info.run_id != sweep.parent_run_id]
+    jobs = [run for run in runs if run.info.run_id != sweep.parent_run_id]
+    statuses = [run.info.status for run in jobs]
     counts = {"sweep/jobs": len(statuses), "sweep/jobs_finished": statuses.count("FINISHED"),
-              "sweep/jobs_failed": statuses.count("FAILED"), "sweep/jobs_killed": statuses.count("KILLED")}
+              "sweep/jobs_failed": statuses.count("FAILED"), "sweep/jobs_killed": statuses.count("KILLED"),
+              "sweep/jobs_pruned": sum(run.data.tags.get("metalab.pruned") == "true" for run in jobs)}
     now = int(time.time() * 1000)
     metrics = [Metric(key, value, now, 0) for key, value in counts.items()]
     if best_value is not None:
         metrics.append(Metric("sweep/best_value", float(best_value), now, 0))
-    params = [Param(f"best.{key}", str(value)) for key, value in (best_params or {}).items()]
+    # MLflow's params cannot change: a study that goes on later keeps its first best.* (and its later best trial in
+    # the logged optimization_results.yaml and in the tag metalab.best_params).
+    logged = client.get_run(sweep.parent_run_id).data.params
+    params = [Param(f"best.{key}", str(value)) for key, value in (best_params or {}).items()
+              if status is not None and f"best.{key}" not in logged]
     client.log_batch(sweep.parent_run_id, metrics=metrics, params=params)
+    if best_params:
+        client.set_tag(sweep.parent_run_id, "metalab.best_params", json.dumps(dict(best_params)))
     for file in files:
         client.log_artifact(sweep.parent_run_id, str(file))
-    client.set_terminated(sweep.parent_run_id, status)
+    if status is not None:
+        client.set_terminated(sweep.parent_run_id, status)
     return counts
