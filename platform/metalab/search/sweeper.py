@@ -64,6 +64,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
+        from optuna.trial import TrialState
 
         space = search_space([*(f"{key}={value}" for key, value in (self.params or {}).items()), *arguments])
         study, created = join_study(self.place, self.direction, self.sampler,
@@ -78,8 +79,13 @@ class OptunaSweeper(Sweeper):
             trials = self._ask(study, space)
             if not trials:
                 break  # other workers took the last trials
-            returns = self.launcher.launch([[*space.overrides(t.params), f"hydra.sweeper.trial={t.number}"]
-                                            for t in trials], initial_job_idx=job_index)
+            try:
+                returns = self.launcher.launch([[*space.overrides(t.params), f"hydra.sweeper.trial={t.number}"]
+                                                for t in trials], initial_job_idx=job_index)
+            except BaseException:  # Ctrl-C, a launcher's error: a trial left RUNNING would hold the study's parent
+                for trial in trials:  # run open for ever (the last worker closes it once none runs)
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
             job_index += len(returns)
             for trial, job in zip(trials, returns, strict=True):
                 launched += 1
