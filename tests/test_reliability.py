@@ -280,6 +280,50 @@ def test_sigterm_during_validation_finishes_it_then_stops_and_resumes_as_if_unin
     assert [path.name for path in (tmp_path / "job" / "checkpoints").glob("last*.ckpt")] == ["last.ckpt"]  # no -v1
 
 
+class SignalAt(Callback):
+    """Sends this process a real ``signum`` (a number) at the end of meta-iteration ``step``."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_submitits_time_limit_signal_is_held_until_last_ckpt_is_saved(tmp_path: Path) -> None:
+    """A hardware=slurm job gets USR2 ahead of its time limit, and submitit's handler (a stand-in here) requeues the
+    job and exits wherever training is. It runs only after training stopped at the meta-iteration's end and saved
+    last.ckpt of that step, which the requeued job (resume=auto) continues from; the run is KILLED meanwhile."""
+    checkpoint = tmp_path / "job" / "checkpoints" / "last.ckpt"
+    seen: list[int] = []
+
+    def submitit_handler(signum: int, frame: object) -> None:  # submitit's: scontrol requeue, then sys.exit(-1)
+        seen.append(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+        raise SystemExit(-1)
+
+    store = f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            train(compose_job(tmp_path / "job", [
+                "debug=smoke", "trainer.max_steps=40", "trainer.log_every_n_steps=1", "runner.backend=loop", store,
+                "+callbacks.usr2._target_=tests.test_reliability.SignalAt", "+callbacks.usr2.step=13",
+                f"+callbacks.usr2.signum={int(signal.SIGUSR2)}"]))
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler  # its own again once training stopped
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert stopped.value.code == -1  # submitit's exit, after it requeued the job
+    assert seen == [13]  # last.ckpt held the signal's step when the handler ran: nothing trained was lost
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("sinusoid").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["metalab.error"] == (
+        "Terminated: SIGUSR2 at step 13 (SLURM's time limit is near; submitit requeues the job and resume=auto goes "
+        f"on): checkpoint {checkpoint}; continue with resume={run.info.run_id}")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "meta_train/loss")) == list(range(13))
+
+
 def test_runs_stale_lists_a_killed_run_not_a_live_one_and_marks_it_killed(tmp_path: Path, capsys) -> None:
     """SIGKILL leaves a run RUNNING; `metalab runs --stale` finds it (its process on this host is gone), and
     `--mark-killed` closes it; a run whose process is still there is neither listed nor touched."""

@@ -115,6 +115,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if isinstance(error, Terminated):
             if rank == 0:
                 print(f"metalab: stopped: {error}", file=sys.stderr, flush=True)
+            error.requeue()  # after submitit's time-limit signal, with last.ckpt saved: it requeues the job, exits
             raise error from None
         raise
     if rank == 0:  # the learner as an MLflow Model that adapts to new support sets (not with tracking=none)

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,29 +28,49 @@ class DivergenceError(RuntimeError):
     """The meta-training loss, or a weight saved in a checkpoint, became NaN or infinite."""
 
 
+def requeue_signal() -> signal.Signals:
+    """The signal submitit's SLURM jobs get ``signal_delay_s`` before their time limit (``sbatch
+    --signal=USR2@<s>``), which its handler answers by requeueing the job: ``SUBMITIT_PREEMPT_SIGNAL``, as submitit
+    reads it (default USR2)."""
+    return signal.Signals[f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}"]
+
+
 class Terminated(SystemExit):
-    """The job got SIGTERM (SLURM preemption, ``scancel``, ``kill``) and stopped after a meta-iteration.
+    """The job got SIGTERM (SLURM preemption, ``scancel``, ``kill``), or submitit's time-limit signal, and stopped
+    after a meta-iteration.
 
-    Exits with :data:`TERMINATED_EXIT_CODE`; ``str()`` says at which step and where the checkpoint is."""
+    Exits with :data:`TERMINATED_EXIT_CODE`; ``str()`` says at which step and where the checkpoint is. After the
+    time-limit signal, :meth:`requeue` hands the job to submitit's handler, which requeues it and exits."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, requeue: Callable[[], None] | None = None) -> None:
         super().__init__(TERMINATED_EXIT_CODE)
         self.message = message
+        self._requeue = requeue
 
     def __str__(self) -> str:
         return self.message
+
+    def requeue(self) -> None:
+        """After submitit's time-limit signal, run its handler, held until the checkpoint was saved: it requeues
+        the job (``scontrol requeue``) and exits, or raises where ``max_num_timeout`` is used up. Else nothing."""
+        if self._requeue is not None:
+            self._requeue()
 
     @classmethod
     def after(cls, trainer: pl.Trainer, run_id: str | None) -> Terminated:
         """What Lightning's SIGTERMException left: the step, and the checkpoint to continue from (the one
         :class:`InterruptCheckpoint` took, or after training the final ``last.ckpt``)."""
-        saved = next((c.saved for c in trainer.callbacks if isinstance(c, InterruptCheckpoint) and c.saved), None)
+        interrupt = next((c for c in trainer.callbacks if isinstance(c, InterruptCheckpoint)), None)
+        saved = interrupt.saved if interrupt is not None else None
         callback = trainer.checkpoint_callback
         final = Path(callback.dirpath, LAST) if isinstance(callback, ModelCheckpoint) and callback.dirpath else None
         if saved is None and final is not None and final.is_file():
             saved = str(final)
         where = (f"checkpoint {saved}" + (f"; continue with resume={run_id}" if run_id else "")
                  if saved else "no checkpoint to continue from")
+        if interrupt is not None and interrupt.requeue is not None:
+            return cls(f"{requeue_signal().name} at step {trainer.global_step} (SLURM's time limit is near; submitit "
+                       f"requeues the job and resume=auto goes on): {where}", interrupt.requeue)
         return cls(f"SIGTERM at step {trainer.global_step} (preemption, scancel or kill): {where}")
 
 
@@ -64,6 +85,11 @@ class InterruptCheckpoint(Checkpoint):
       finished first: Lightning would stop it after its current batch and, resumed, not redo it (that step's
       ``meta_val/*`` would be missing); the state is saved at once all the same, in case the grace time
       (SLURM's ``KillWait``) ends before the validation does.
+    - submitit's time-limit signal (:func:`requeue_signal`, USR2, ``signal_delay_s`` before SLURM's time limit):
+      as SIGTERM. Left to itself, submitit's handler requeues the job and exits wherever training is, and what
+      was trained since the last periodic checkpoint would be lost; during training it is held until
+      ``last.ckpt`` is saved, then run (:meth:`Terminated.requeue`). Outside training (start-up, testing)
+      nothing is lost and submitit's handler runs as it comes.
 
     Only interrupts: after a divergence the weights may be NaN, and the newest checkpoint (weights checked
     finite when written, :func:`non_finite`) must stay the last good state.
@@ -82,6 +108,8 @@ class InterruptCheckpoint(Checkpoint):
         self.ckpt_path = str(Path(dirpath) / "interrupted.ckpt")
         self.last_path = str(Path(dirpath) / LAST)
         self.saved: str | None = None  # the checkpoint the SIGTERM left
+        self.requeue: Callable[[], None] | None = None  # submitit's handler, held: its time-limit signal came
+        self._submitit_handler: Any = None  # the handler of requeue_signal() while training (None: not installed)
         self._held_sigterm = False  # a SIGTERM kept from Lightning until the validation ends
         self._ctrl_c = False  # a Ctrl-C held until the current batch ends
         self._previous_sigint: Any = None  # the SIGINT handler before setup (None: not installed)
@@ -97,6 +125,27 @@ class InterruptCheckpoint(Checkpoint):
         self._ctrl_c = True
         print("\nmetalab: Ctrl-C: stopping after this batch (Ctrl-C again to stop at once)", file=sys.stderr,
               flush=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        handler = signal.getsignal(requeue_signal())  # submitit's, in a job it runs
+        if threading.current_thread() is threading.main_thread() and callable(handler):
+            self.requeue, self._submitit_handler = None, handler
+            signal.signal(requeue_signal(), lambda signum, frame: self._hold_requeue(trainer, signum, frame))
+
+    def _hold_requeue(self, trainer: pl.Trainer, signum: int, frame: FrameType | None) -> None:
+        handler = self._submitit_handler
+        self.requeue = lambda: handler(signum, frame)
+        trainer._signal_connector.received_sigterm = True  # Lightning stops after the meta-iteration, as on SIGTERM
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_submitit_handler()
+        if self.requeue is not None:  # it came in the last meta-iteration, whose checkpoint is saved: testing could
+            self.requeue()            # outlast the time limit, so requeue now; the resumed job tests
+
+    def _restore_submitit_handler(self) -> None:
+        if self._submitit_handler is not None:
+            signal.signal(requeue_signal(), self._submitit_handler)
+            self._submitit_handler = None
 
     def _raise_held_ctrl_c(self) -> None:
         if self._ctrl_c:
@@ -127,6 +176,7 @@ class InterruptCheckpoint(Checkpoint):
             self._previous_sigint = None
         else:
             self._restore_sigint()
+        self._restore_submitit_handler()
         self._ctrl_c = False
         if isinstance(exception, KeyboardInterrupt):
             trainer.save_checkpoint(self.ckpt_path, weights_only=False)
