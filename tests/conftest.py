@@ -58,16 +58,22 @@ def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
                           timeout=600)
 
 
+def set_by_ci(variable: str, what: str, how_to_start: str) -> str:
+    """The environment ``variable`` naming ``what`` .ci/run starts; CI must set it (a skip there would hide a broken
+    service), elsewhere the test is skipped, saying ``how_to_start`` it."""
+    value = os.environ.get(variable, "")
+    if not value:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {variable} is unset: .ci/run starts {what} and exports it")
+        pytest.skip(f"{what} is not set up here: {how_to_start}")
+    return value
+
+
 @pytest.fixture(scope="session")
 def server() -> str:
-    """The tracking server's URI; CI must provide one (a skip there would hide a broken server)."""
-    uri = os.environ.get("METALAB_TEST_SERVER_URI", "").rstrip("/")
-    if not uri:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but METALAB_TEST_SERVER_URI is unset: .ci/run starts the server "
-                        "(scripts/tracking_server.sh) and exports it")
-        pytest.skip("no tracking server: start one with `scripts/tracking_server.sh start` and set "
-                    "METALAB_TEST_SERVER_URI to the URI it prints")
+    """The tracking server's URI (scripts/tracking_server.sh)."""
+    uri = set_by_ci("METALAB_TEST_SERVER_URI", "the tracking server", "start one with `scripts/tracking_server.sh "
+                    "start` and set METALAB_TEST_SERVER_URI to the URI it prints").rstrip("/")
     with urllib.request.urlopen(f"{uri}/health", timeout=10) as response:
         assert response.status == 200
     return uri

@@ -18,7 +18,7 @@ from metalab.errors import ConfigError
 from metalab.search.space import search_space
 from metalab.search.study import JOURNAL
 from metalab.search.sweeper import SURPLUS
-from tests.conftest import BIN, experiment_name, run_cli
+from tests.conftest import BIN, experiment_name, run_cli, set_by_ci
 
 QUICK = ["hparams_search=maml_optuna", "debug=smoke", "algorithm.inner_steps=1", "trainer.val_check_interval=5"]
 
@@ -128,14 +128,9 @@ def test_a_study_in_a_database_needs_a_name_said_in_one_line(tmp_path: Path) -> 
 def study_storage(server: str) -> str:
     """The SQLAlchemy URL of the Optuna database beside the tracking server's (scripts/tracking_server.sh
     study-storage)."""
-    url = os.environ.get("METALAB_TEST_STUDY_STORAGE", "")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but METALAB_TEST_STUDY_STORAGE is unset: .ci/run exports "
-                        "`scripts/tracking_server.sh study-storage`")
-        pytest.skip("no study database: start the tracking server (scripts/tracking_server.sh start DIR) and set "
-                    "METALAB_TEST_STUDY_STORAGE=$(scripts/tracking_server.sh study-storage DIR)")
-    return url
+    return set_by_ci("METALAB_TEST_STUDY_STORAGE", "the study database", "start the tracking server "
+                     "(scripts/tracking_server.sh start DIR) and set METALAB_TEST_STUDY_STORAGE=$(scripts/"
+                     "tracking_server.sh study-storage DIR)")
 
 
 def test_three_workers_share_one_postgresql_study_and_run_each_trial_once(server: str, study_storage: str,

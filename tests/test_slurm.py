@@ -22,7 +22,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, experiment_name
+from tests.conftest import BIN, experiment_name, set_by_ci
 
 pytestmark = pytest.mark.slow  # ~2 min: two sweeps (~35 s, ~90 s) whose jobs start twice; `make test-slow`
 
@@ -34,13 +34,8 @@ CPU_JOBS = ["hardware=slurm", "hardware.accelerator=cpu", "hydra.launcher.gpus_p
 
 def slurm_conf() -> str:
     """The test cluster's slurm.conf; CI must provide one (a skip there would hide a broken cluster)."""
-    conf = os.environ.get("METALAB_TEST_SLURM_CONF", "")
-    if not conf:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but METALAB_TEST_SLURM_CONF is unset: .ci/run starts the cluster "
-                        "(scripts/slurm_cluster.sh) and exports it")
-        pytest.skip("no SLURM cluster: start one with `scripts/slurm_cluster.sh start` (as root) and set "
-                    "METALAB_TEST_SLURM_CONF to the slurm.conf it prints")
+    conf = set_by_ci("METALAB_TEST_SLURM_CONF", "the SLURM cluster", "start one with `scripts/slurm_cluster.sh "
+                     "start` (as root) and set METALAB_TEST_SLURM_CONF to the slurm.conf it prints")
     assert Path(conf).is_file(), f"METALAB_TEST_SLURM_CONF={conf}: no such file"
     return conf
 
