@@ -170,7 +170,8 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> No
 
     sweep_id = parent.data.tags["metalab.sweep_id"]  # printed at the start and at the end, with the command
     command = f"metalab compare --sweep {sweep_id}"
-    assert result.stdout.startswith(f"sweep {sweep_id}:") and result.stdout.count(command) == 2
+    printed = [line for line in result.stdout.splitlines() if not line.startswith("[")]  # but Hydra's log lines
+    assert printed[0].startswith(f"sweep {sweep_id}:") and result.stdout.count(command) == 2
     assert (f"sweep {sweep_id} done: 3 jobs, {3 - sum(diverging)} finished, {sum(diverging)} failed"
             in result.stdout)
     report = compare(f"sqlite:///{tmp_path}/mlflow.db", sweep_id="last", out=tmp_path / "report")
