@@ -147,7 +147,8 @@ KANJI = ["task=kanji", *SHORT, "task.num_classes=300", "task.queries=5", "task.m
     pytest.param("anil", ["trainer.max_steps=150", "algorithm.inner_lr=0.5", "algorithm.inner_steps=3"],
                  marks=pytest.mark.slow),  # ~30 s; `make test` keeps the protonet run
     pytest.param("metaoptnet", ["trainer.max_steps=60"], id="metaoptnet-svm", marks=pytest.mark.slow),  # ~26 s
-    pytest.param("metaoptnet", ["trainer.max_steps=60", "algorithm.head=ridge"], id="metaoptnet-ridge"),  # ~14 s
+    pytest.param("metaoptnet", ["trainer.max_steps=60", "algorithm.head=ridge"], id="metaoptnet-ridge",
+                 marks=pytest.mark.slow),  # ~14-30 s
     pytest.param("r2d2", ["trainer.max_steps=100"], id="r2d2", marks=pytest.mark.slow),  # ~19 s
 ])
 def test_classifiers_learn_kanji_well_above_chance(job, kanji_cache, algorithm: str, overrides: list[str]) -> None:

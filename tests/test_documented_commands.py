@@ -131,11 +131,12 @@ CHECKS: dict[str, Check] = {
     "metalab-train task=meta_dataset_source task.root=/data/meta-dataset task.source=omniglot algorithm=protonet":
         Check("cfg", shows="source: omniglot"),
     # Without the data set (as on CI) it must say so in one line, and exit 1.
+    # (slow: ~14 s each, two processes; tests/test_reproduce.py's missing-data test runs the same path in make test)
     "metalab reproduce maml_omniglot_5w1s task.root=/data/omniglot":
-        Check(exit_status=1, shows="not found under task.root=/data/omniglot"),
+        Check(exit_status=1, shows="not found under task.root=/data/omniglot", slow=True),
     "metalab reproduce protonet_metadataset_all task.root=/data/meta-dataset":
         Check(exit_status=1, shows="no training source of task=meta_dataset has its data under "
-                                   "task.root=/data/meta-dataset"),
+                                   "task.root=/data/meta-dataset", slow=True),
     "metalab reproduce maml_kanji_5w1s": Check(extra=("--budget", "smoke"), runs=1, shows="plumbing ok", slow=True),
     # Without Omniglot, the MAML++ ablation sweep's 7 jobs are FAILED runs (a failing sweep job gets one).
     "metalab reproduce all --budget smoke": Check(shows="| maml_kanji_5w1s |", failed=7, slow=True, timeout_s=1800),
@@ -220,9 +221,20 @@ def serve(command: list[str], folder: Path, env: dict[str, str]) -> None:
         server.wait(timeout=30)
 
 
-def params(command: str) -> list:
+# `make test` runs the documented commands that train nothing (`--cfg job`, one-line errors, make's targets) and the
+# two a newcomer runs first; the other training runs are in `make test-slow` (.ci/run runs both). Each capability
+# they show keeps a short real run of its own in `make test` (tests/test_<capability>.py, in-process).
+FIRST_COMMANDS = ("make demo", "metalab-train debug=smoke")
+
+
+def trains(command: str) -> bool:
     check = CHECKS[command]
-    return [pytest.param(command, marks=[pytest.mark.slow] if check.slow else [], id=command)]
+    return bool(check.before) or (check.how == "run" and not check.exit_status and not command.startswith("make "))
+
+
+def params(command: str) -> list:
+    slow = CHECKS[command].slow or (trains(command) and command not in FIRST_COMMANDS)
+    return [pytest.param(command, marks=[pytest.mark.slow] if slow else [], id=command)]
 
 
 @pytest.mark.parametrize("command", [p for command in CHECKS for p in params(command)])

@@ -233,6 +233,7 @@ def test_a_search_on_an_rl_task_maximises_the_post_adaptation_return(overrides: 
     assert (cfg.objective, cfg.hydra.sweeper.direction) == (objective, direction)
 
 
+@pytest.mark.slow  # ~11 s; `make test` keeps the direction's composition test and tests/test_search.py's searches
 def test_an_optuna_search_on_nav2d_ranks_trials_by_their_highest_return(tmp_path: Path) -> None:
     """A real two-trial search of two-step runs (~15 s): the sweeper maximises, the parent records the best return."""
     result = run_cli(["hparams_search=maml_optuna", "hydra.sweeper.n_trials=2", "algorithm=maml_trpo", "task=nav2d",

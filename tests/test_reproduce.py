@@ -119,6 +119,7 @@ def test_smoke_reproduction_on_kanji_end_to_end_and_from_mlflow(tmp_path: Path, 
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.slow  # ~21 s; `make test` keeps the kanji reproduction end to end
 def test_smoke_reproduction_on_a_generated_omniglot_folder(tmp_path: Path) -> None:
     root = fake_datasets.omniglot_tree(tmp_path / "omniglot", {"images_background": (3, 4),
                                                                "images_evaluation": (2, 4)}, drawers=6)

@@ -113,9 +113,15 @@ def test_failing_job_does_not_stop_a_parallel_sweep(tmp_path: Path) -> None:
         image.verify()
 
 
-def test_optuna_search_records_the_best_trial_on_the_parent(tmp_path: Path) -> None:
-    result = run_cli(["hparams_search=maml_optuna", "debug=smoke", "hydra.sweeper.n_trials=3"], cwd=tmp_path)
+def test_optuna_search_records_the_best_trial_on_the_parent_and_logs_without_colour_codes(tmp_path: Path) -> None:
+    result = run_cli(["hparams_search=maml_optuna", "debug=smoke", "hydra.sweeper.n_trials=3",
+                      f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "A new study created in Journal with name: maml_inner_loop" in result.stdout  # via Hydra's logging
+    logs = sorted((tmp_path / "sweep").rglob("*.log"))
+    assert len(logs) == 3  # one per trial
+    for name, text in [("stdout", result.stdout), ("stderr", result.stderr), *((p.name, p.read_text()) for p in logs)]:
+        assert "\x1b[" not in text, name
     client, parent, children = sweep_runs(tmp_path)
     assert len(children) == 3
 
@@ -131,19 +137,6 @@ def test_optuna_search_records_the_best_trial_on_the_parent(tmp_path: Path) -> N
         inner_lr, steps = float(run.data.params["algorithm.inner_lr"]), run.data.params["algorithm.inner_steps"]
         assert re.fullmatch(rf"maml-sinusoid-algorithm\.inner_lr={inner_lr:.4g}-algorithm\.inner_steps={steps}-#[0-2]",
                             run.info.run_name), run.info.run_name
-
-
-def test_optuna_lines_carry_no_colour_codes_into_output_or_log_files(tmp_path: Path) -> None:
-    result = run_cli(["hparams_search=maml_optuna", "hydra.sweeper.n_trials=2", "trainer.max_steps=5",
-                      "task.test_tasks=2", "task.val_tasks=2", "trainer.val_check_interval=5",
-                      f"hydra.sweep.dir={tmp_path}/sweep", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"],
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "A new study created in Journal with name: maml_inner_loop" in result.stdout  # via Hydra's logging
-    logs = sorted((tmp_path / "sweep").rglob("*.log"))
-    assert len(logs) == 2  # one per trial
-    for name, text in [("stdout", result.stdout), ("stderr", result.stderr), *((p.name, p.read_text()) for p in logs)]:
-        assert "\x1b[" not in text, name
 
 
 def test_a_failed_trial_is_recorded_and_the_search_goes_on(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_cli
@@ -51,6 +52,7 @@ def test_default_run_shows_metalab_header_progress_and_results_only(tmp_path: Pa
     assert [round(seconds, 1) for seconds in recorded] == phases
 
 
+@pytest.mark.slow  # ~9 s; `make test` keeps the default run's terminal test
 def test_kanji_run_is_as_clean(tmp_path: Path, kanji_cache: str) -> None:
     result = run_cli(["task=kanji", "task.num_classes=150", "task.max_alphabet_size=20",
                       f"task.cache_dir={kanji_cache}", "trainer.max_steps=3", "trainer.val_check_interval=3",

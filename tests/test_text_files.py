@@ -193,7 +193,7 @@ SHORT = ["algorithm=protonet", "task.vocab_size=500", "task.max_length=32", "mod
          "trainer.enable_progress_bar=false"]
 
 
-@pytest.mark.parametrize("task", ["text_jsonl", "fewrel"])
+@pytest.mark.parametrize("task", ["text_jsonl", pytest.param("fewrel", marks=pytest.mark.slow)])  # ~9 s each
 def test_protonet_learns_generated_files_end_to_end(tmp_path: Path, task: str) -> None:
     if task == "text_jsonl":
         data = ["task.dataset=huffpost", f"task.path={bao_file(tmp_path / 'huffpost.json', 41, 30)}"]
@@ -218,6 +218,7 @@ def test_missing_files_exit_3_with_one_line_naming_the_key(tmp_path: Path, task:
     assert lines[0].startswith(f"metalab: error: {key} ")
 
 
+@pytest.mark.slow  # ~14 s: two processes; tests/test_reproduce.py's missing-data test runs the same path
 def test_fewrel_preset_without_its_data_is_no_data(tmp_path: Path) -> None:
     result = reproduce_cli(["protonet_fewrel_5w1s", "--budget", "smoke", "task.root=/nonexistent/fewrel"], tmp_path)
     assert result.returncode == 1

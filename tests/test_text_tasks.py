@@ -161,7 +161,8 @@ def test_protonet_learns_wordnet_well_above_chance_and_mlflow_records_the_run(jo
 
 
 @pytest.mark.parametrize(("algorithm", "overrides"), [
-    pytest.param("fomaml", ["algorithm.inner_lr=0.4", "algorithm.inner_steps=5"], id="fomaml"),
+    pytest.param("fomaml", ["algorithm.inner_lr=0.4", "algorithm.inner_steps=5"], id="fomaml",
+                 marks=pytest.mark.slow),  # ~29 s; `make test` keeps ProtoNet's wordnet run
     pytest.param("maml", ["algorithm.inner_lr=0.4", "algorithm.inner_steps=3"], id="maml", marks=pytest.mark.slow),
     pytest.param("protomaml", [], id="protomaml", marks=pytest.mark.slow),
     pytest.param("protonet", ["model=transformer"], id="protonet-transformer", marks=pytest.mark.slow),
