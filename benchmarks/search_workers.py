@@ -1,9 +1,9 @@
 """Wall time of one Optuna search of N trials run by 1, 2, 4 ... `metalab-train` workers sharing its study.
 
-Run: .venv/bin/python benchmarks/search_workers.py [--trials 12] [--workers 1 2 4] [--storage URL]
+Run: .venv/bin/python benchmarks/search_workers.py [--trials 12] [--steps 200] [--workers 1 2 4] [--storage URL]
 
 Each round starts W worker processes together, as a lab would (terminals, machines, a job array), all naming one
-fresh study of ``--trials`` trials (``hparams_search=maml_optuna debug=smoke``: 20 meta-iterations a trial) in
+fresh study of ``--trials`` trials (``hparams_search=maml_optuna debug=smoke``, ``--steps`` meta-iterations each) in
 ``--storage`` (default: a SQLite file in a temporary folder; give the tracking server's PostgreSQL with
 ``scripts/tracking_server.sh study-storage DIR``), tracked to a SQLite MLflow store. It prints, per W, the
 wall time from the first start to the last exit, the trials each worker ran, and the speed-up over one worker
@@ -26,13 +26,13 @@ BIN = Path(sys.executable).parent
 TRIAL = ["hparams_search=maml_optuna", "debug=smoke", "algorithm.inner_steps=1", "hydra/sweeper/pruner=none"]
 
 
-def search(workers: int, trials: int, storage: str | None, folder: Path) -> tuple[float, list[int]]:
+def search(workers: int, trials: int, steps: int, storage: str | None, folder: Path) -> tuple[float, list[int]]:
     """Seconds from starting ``workers`` processes on one fresh study to the last one's exit, and the number of
     trials each ran."""
     name = f"bench-{workers}-{int(time.time())}"
     storage = storage or f"sqlite:///{folder}/study.db"
     command = [str(BIN / "metalab-train"), *TRIAL, f"hydra.sweeper.storage={storage}",
-               f"hydra.sweeper.study_name={name}", f"hydra.sweeper.n_trials={trials}",
+               f"hydra.sweeper.study_name={name}", f"hydra.sweeper.n_trials={trials}", f"trainer.max_steps={steps}",
                f"tracking.tracking_uri=sqlite:///{folder}/mlflow.db", f"tracking.experiment_name={name}"]
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
@@ -52,15 +52,16 @@ def search(workers: int, trials: int, storage: str | None, folder: Path) -> tupl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=200, help="meta-iterations a trial")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--storage", default=None, help="a SQLAlchemy URL (default: SQLite in a temporary folder)")
     args = parser.parse_args()
-    print(f"{args.trials} trials (hparams_search=maml_optuna debug=smoke), {os.cpu_count()} CPUs")
+    print(f"{args.trials} trials of {args.steps} steps (hparams_search=maml_optuna debug=smoke), {os.cpu_count()} CPUs")
     print("| workers | wall time | trials per worker | speed-up over 1 worker |\n|---|---|---|---|")
     baseline = None
     for workers in args.workers:
         with tempfile.TemporaryDirectory(prefix="metalab-search-") as folder:
-            seconds, ran = search(workers, args.trials, args.storage, Path(folder))
+            seconds, ran = search(workers, args.trials, args.steps, args.storage, Path(folder))
         if workers == 1:
             baseline = seconds
         speedup = f"{baseline / seconds:.2f}x" if baseline else "-"
