@@ -159,3 +159,20 @@ def test_a_store_uri_with_a_query_names_its_database_and_lock_without_it(tmp_pat
     experiment_id(client, "query")
     assert sorted(path.name for path in tmp_path.iterdir() if path.name != "mlruns") == [".runs.db.lock", "runs.db"]
     assert MlflowClient(f"sqlite:///{tmp_path}/runs.db").get_experiment_by_name("query") is not None
+
+
+def test_jobs_starting_together_all_find_the_store_folder_writable(tmp_path: Path) -> None:
+    """Eight threads probe one folder 100 times each, as the jobs of a parallel sweep do at start; with one fixed
+    probe file, touched and removed by each, a removal failed another's and a job was told its folder was not
+    writable (test_reliability's eight-job sweep, 1 run in 8 FAILED)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from metalab.tracking.uri import require_reachable
+
+    def probe(_: int) -> None:
+        for _ in range(100):
+            require_reachable(f"sqlite:///{tmp_path}/mlflow.db")
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(probe, range(8)))  # re-raises a ConfigError of any thread
+    assert list(tmp_path.iterdir()) == []  # no probe left behind

@@ -4,6 +4,7 @@ artifacts go) and where the MLflow UI shows them."""
 from __future__ import annotations
 
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -102,10 +103,10 @@ def ui_page(tracking_uri: str, experiment_id: str, run_id: str | None = None) ->
 
 
 def _writable(folder: Path) -> bool:
-    probe = folder / ".metalab-write-probe"
+    """Whether a file can be created in ``folder``: a temporary file of a unique name (jobs started together all
+    probe the same folder; one fixed name, touched and removed by each, made one job's removal fail another's)."""
     try:
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=folder, prefix=".metalab-write-probe-"):
+            return True
     except OSError:
         return False
-    return True
