@@ -115,6 +115,17 @@ def test_a_study_in_a_database_goes_on_where_the_last_search_stopped(tmp_path: P
     assert re.search(r"-#2$", max(runs, key=lambda run: run.info.start_time).info.run_name)  # named by trial number
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0, n_jobs=1: both must be at least 1"),
+    ("hydra.sweeper.max_failure_rate=2", "hydra.sweeper.max_failure_rate=2: a fraction, from 0 to 1"),
+    ("hydra.sweeper.direction=up", "hydra.sweeper.direction=up: minimize or maximize"),
+])
+def test_a_setting_the_search_cannot_run_with_is_one_line_before_any_run(tmp_path: Path, setting: str,
+                                                                         message: str) -> None:
+    result = run_cli([*QUICK, setting, "tracking=none"], cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"metalab: error: {message}"]
+
+
 def test_a_study_in_a_database_needs_a_name_said_in_one_line(tmp_path: Path) -> None:
     result = run_cli([*QUICK, f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", "hydra.sweeper.study_name=null"],
                      cwd=tmp_path)

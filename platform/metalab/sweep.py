@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from metalab.errors import ConfigError, one_line
 from metalab.search.study import SWEEPER, join_study, study_place
-from metalab.search.sweeper import RESULTS
+from metalab.search.sweeper import RESULTS, check_settings
 from metalab.tracking.sweeps import Sweep, close_sweep, join_sweep, open_sweep, swept_keys
 from metalab.tracking.uri import default_tracking_uri
 
@@ -87,6 +87,12 @@ class MLflowSweepCallback(Callback):
     """Opens and closes the parent run of a multirun (no-op with ``tracking=none``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            if config.hydra.sweeper.get("_target_") == SWEEPER:
+                check_settings(config.hydra.sweeper)
+        except ConfigError as error:
+            print(f"metalab: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
         if not _tracked(config):
             return
         try:

@@ -40,16 +40,23 @@ RESULTS = "optimization_results.yaml"  # Hydra's name for a search's result file
 SURPLUS = "metalab.surplus"  # user attribute of a trial asked for after the study was full: never run
 
 
+def check_settings(sweeper: DictConfig) -> None:
+    """Refuse settings the search cannot run with, in one line, before the sweep opens its parent run."""
+    if sweeper.n_trials < 1 or sweeper.n_jobs < 1:
+        raise ConfigError(f"hydra.sweeper.n_trials={sweeper.n_trials}, n_jobs={sweeper.n_jobs}: both must be at "
+                          "least 1")
+    if not 0.0 <= sweeper.max_failure_rate <= 1.0:
+        raise ConfigError(f"hydra.sweeper.max_failure_rate={sweeper.max_failure_rate}: a fraction, from 0 to 1")
+    if str(sweeper.direction) not in ("minimize", "maximize"):
+        raise ConfigError(f"hydra.sweeper.direction={sweeper.direction}: minimize or maximize")
+
+
 class OptunaSweeper(Sweeper):
     """Ask the study for trials, launch them as Hydra jobs, tell it their values (see the module's doc)."""
 
     def __init__(self, direction: str, study_name: str | None, storage: str | None, n_trials: int, n_jobs: int,
                  max_failure_rate: float, sampler: Any, pruner: Any, params: DictConfig | None,
                  trial: int | None = None) -> None:
-        if n_trials < 1 or n_jobs < 1:
-            raise ConfigError(f"hydra.sweeper.n_trials={n_trials}, n_jobs={n_jobs}: both must be at least 1")
-        if not 0.0 <= max_failure_rate <= 1.0:
-            raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate}: a fraction, 0 to 1")
         self.direction, self.n_trials, self.n_jobs = str(direction), n_trials, n_jobs
         self.max_failure_rate = max_failure_rate
         self.sampler, self.pruner, self.params = sampler, pruner, params  # Optuna's, built by Hydra's instantiate
@@ -75,8 +82,8 @@ class OptunaSweeper(Sweeper):
                  f"{self.n_jobs} at a time here ({'created' if created else 'joined'} by this worker)")
         launched = failed = 0
         job_index = 0
-        while len(study.get_trials(deepcopy=False)) < self.n_trials:
-            trials = self._ask(study, space)
+        while (left := self.n_trials - len(study.get_trials(deepcopy=False))) > 0:
+            trials = self._ask(study, space, min(self.n_jobs, left))
             if not trials:
                 break  # other workers took the last trials
             try:
@@ -95,12 +102,12 @@ class OptunaSweeper(Sweeper):
                      f"max_failure_rate={self.max_failure_rate}: the search stops")
         self._write_results(study)
 
-    def _ask(self, study: Any, space: SearchSpace) -> list[Any]:
-        """Up to ``n_jobs`` new trials, their params sampled; a trial numbered past ``n_trials`` (another worker
+    def _ask(self, study: Any, space: SearchSpace, count: int) -> list[Any]:
+        """Up to ``count`` new trials, their params sampled; a trial numbered past ``n_trials`` (another worker
         asked at the same moment) is closed unrun, marked :data:`SURPLUS`."""
         from optuna.trial import TrialState
 
-        trials = [study.ask(space.distributions) for _ in range(self.n_jobs)]
+        trials = [study.ask(space.distributions) for _ in range(count)]
         for trial in trials:
             if trial.number >= self.n_trials:
                 trial.set_user_attr(SURPLUS, f"not run: the study already had its {self.n_trials} trials")
