@@ -8,6 +8,7 @@ description (``mlflow.note.content``, the run page's Description) says why; the 
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,17 +61,11 @@ class PruneTrial(Callback):
 
         others = [t.intermediate_values[step] for t in self.trial.study.get_trials(
             deepcopy=False, states=(TrialState.COMPLETE,)) if step in t.intermediate_values]
-        context = (f"; the median of the {len(others)} completed trials there was {_median(others):.6g}"
+        context = (f"; the median of the {len(others)} completed trials there was {statistics.median(others):.6g}"
                    if others else "")
         return (f"Pruned: trial {self.trial.number} of Optuna study {self.study_name} was stopped at step {step} "
                 f"by {type(self.trial.study.pruner).__name__}: {self.objective} was {value:.6g}{context}. "
                 "It stopped on purpose, so it has no meta_test metrics and no model.")
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def trial_pruning(objective: str) -> PruneTrial | None:
