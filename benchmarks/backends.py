@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_learn2learn import maml_loss  # the baseline's own loop (run as a script: its folder is on the path)
+from plain_learn2learn import learn2learn_cnn4, maml_loss  # the baseline (run as a script: its folder is on the path)
 
 from metalab.algorithms import MAML
 from metalab.algorithms.base import Context
@@ -77,7 +77,7 @@ def main() -> None:
 
     def plain() -> Callable[[], None]:
         torch.manual_seed(0)
-        maml = l2l.algorithms.MAML(CNN4(5).to(device), lr=INNER_LR)
+        maml = l2l.algorithms.MAML(learn2learn_cnn4(5).to(device), lr=INNER_LR)
         optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
         counter = iter(range(10**9))
 

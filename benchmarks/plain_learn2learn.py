@@ -40,6 +40,12 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
 
 
+def learn2learn_cnn4(ways: int) -> nn.Module:
+    """learn2learn's own CNN4 for 28×28 grey images, as metalab's ``model=cnn4`` builds it (64 channels, four
+    conv → batch norm → ReLU → max-pool blocks, a linear head), without metalab's faster pooling."""
+    return l2l.vision.models.CNN4(ways, hidden_size=64, layers=4, channels=1, max_pool=True, embedding_size=64)
+
+
 def maml_loss(maml: l2l.algorithms.MAML, task: Batch, loss_fn: Callable[..., Tensor], steps: int) -> Tensor:
     support_x, support_y, query_x, query_y = task
     learner = maml.clone()
@@ -72,13 +78,12 @@ def main() -> None:
         def draw(count: int, split: str) -> Batch:
             return sinusoid_tasks(count, generator)
     else:
-        from metalab.models import CNN4  # metalab's CNN4 (as the learn2learn examples' OmniglotCNN)
         from metalab.tasks import KanjiHandwriting
 
         ways, shots = (5, 1) if args.workload == "kanji-maml" else (20, 5)
         family = KanjiHandwriting(ways=ways, shots=shots, meta_batch_size=args.meta_batch_size or 16)
         family.prepare()
-        model, loss_fn, inner_lr, steps = CNN4(ways), F.cross_entropy, 0.4, 1
+        model, loss_fn, inner_lr, steps = learn2learn_cnn4(ways), F.cross_entropy, 0.4, 1
         batch_size = family.meta_batch_size
 
         def draw(count: int, split: str) -> Batch:

@@ -139,3 +139,41 @@ def test_cnn4_refuses_a_depth_or_image_learn2learns_blocks_cannot_pool() -> None
         CNN4(5, layers=5)
     with pytest.raises(ConfigError, match=r"image_size >= 16 for layers=2, got .*image_size=8$"):
         CNN4(5, image_size=8, layers=2)
+
+
+def _with_learn2learns_relu_and_max_pool(model: CNN4) -> CNN4:
+    """A copy of ``model`` whose blocks run learn2learn's own ``ReLU`` then ``MaxPool2d``."""
+    reference = copy.deepcopy(model)
+    for block in reference.features:
+        block.relu, block.max_pool = nn.ReLU(), nn.MaxPool2d(block.max_pool.size, block.max_pool.size)
+    return reference
+
+
+@pytest.mark.parametrize(("layers", "image_size"), [(4, 28), (2, 28), (3, 21)])
+def test_cnn4_pools_then_rectifies_with_learn2learns_values_and_maml_meta_gradient(layers: int,
+                                                                                    image_size: int) -> None:
+    """metalab's CNN4 max-pools then applies ReLU (on a CPU by a channels-last max-pool's indices): its output
+    and its second-order MAML meta-gradient are those of learn2learn's ReLU then max-pool, ties included."""
+    torch.manual_seed(0)
+    model = CNN4(5, channels=1, image_size=image_size, hidden_size=8, layers=layers).double()
+    first = model.features[0]
+    with torch.no_grad():  # channels 0-1 constant (0.5 after batch norm): every window of theirs is a tie
+        first.conv.weight[:2] = 0.0
+        first.normalize.bias[:2] = 0.5
+    reference = _with_learn2learns_relu_and_max_pool(model)
+    support, query = torch.randn(5, 1, image_size, image_size).double(), torch.randn(20, 1, image_size, image_size)
+    labels = torch.arange(5)
+
+    def meta_gradient(network: nn.Module) -> list[Tensor]:
+        import learn2learn as l2l
+
+        learner = l2l.algorithms.MAML(network, lr=0.4).clone()
+        learner.adapt(F.cross_entropy(learner(support), labels))
+        return torch.autograd.grad(F.cross_entropy(learner(query.double()), labels.repeat(4)),
+                                   list(network.parameters()))
+
+    assert torch.equal(model(query.double()), reference(query.double()))
+    ours, theirs = meta_gradient(model), meta_gradient(reference)
+    assert ours[0].abs().sum() > 0
+    for mine, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12)
