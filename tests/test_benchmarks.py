@@ -43,3 +43,19 @@ def test_the_evaluation_memory_benchmark_shows_the_lazy_tasks_hold_one_batch() -
                                  "--eval-batch-size", "6"], check=True, capture_output=True, text=True).stdout
         results[variant] = json.loads(output.strip().splitlines()[-1])
     assert results["up front"]["peak_mb"] > results["lazily"]["peak_mb"] + 200  # 60 tasks: ~390 MB up front
+
+
+def test_the_plain_loops_cnn4_is_learn2learns_and_computes_metalabs_model_cnn4() -> None:
+    """The baseline runs learn2learn's own CNN4; with metalab's weights it is the same function as metalab's
+    ``model=cnn4`` (which pools faster), so the benchmark compares two ways of computing one network."""
+    import learn2learn as l2l
+    import torch
+    from benchmarks.plain_learn2learn import learn2learn_cnn4
+
+    from metalab.models import CNN4
+
+    ours, theirs = CNN4(5).double(), learn2learn_cnn4(5).double()
+    assert isinstance(theirs, l2l.vision.models.CNN4)
+    theirs.load_state_dict({name.replace("head.", "classifier."): value for name, value in ours.state_dict().items()})
+    images = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(theirs(images), ours(images), rtol=1e-12, atol=1e-12)

@@ -2,8 +2,8 @@
 backward delivers gradients computed beforehand.
 
 Why threads: on a CPU, one small task (a 5-way 1-shot CNN4 episode) keeps PyTorch's intra-op threads
-poorly busy. Giving each of ``n`` workers whole tasks with one intra-op thread each ran ~1.08× the
-loop's meta-iterations/s on 2 cores (benchmarks/meta_training.py). The per-task computation is exactly
+poorly busy. Giving each of ``n`` workers whole tasks with one intra-op thread each ran 1.3× the loop's
+meta-iterations/s on 2 cores (benchmarks/backends.py --device cpu). The per-task computation is exactly
 the loop's (the algorithm's ``task_meta_gradient``); only the scheduling differs, and results come back in task
 order, so sums over tasks do not depend on which thread finished first.
 """
