@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.metalab-installed
 HOST   ?= 127.0.0.1
 PORT   ?= 5000
 PYTEST_ARGS ?=
+# `make test`'s pytest-xdist worker processes (most tests wait on a child process that keeps one core busy);
+# TEST_WORKERS=0 runs the suite in one process (for `pdb`, `-s`).
+TEST_WORKERS ?= 2
 ARGS ?=          # overrides for `make demo`, e.g. ARGS="trainer.max_steps=100"
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -35,7 +38,7 @@ demo: setup
 
 test: setup
 	cd $(ROOT) && $(BIN)/ruff check platform tests scripts benchmarks
-	cd $(ROOT) && $(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	cd $(ROOT) && $(BIN)/pytest -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The long end-to-end runs (marked slow); .ci/run runs them after `make test`.
 test-slow: setup
