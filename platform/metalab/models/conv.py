@@ -48,8 +48,9 @@ class PoolThenReLU(nn.Module):
     max-pool kernel for (N, C, H, W) tensors is an order of magnitude slower than its channels-last one (20 vs
     1.5 ms for a 75×64×28×28 batch, torch 2.14, one thread). Together these made a second-order MAML task on
     CNN4 (5-way 1-shot, 15 queries) 3–25% faster over six paired measurements, and metalab's default run
-    1.15× the plain learn2learn loop (README, Performance); the ``gather`` differentiates as max-pool does (the gradient goes to each window's first maximum). Elsewhere (CUDA, inside ``torch.func`` transforms)
-    torch's own max-pool is used.
+    1.15× the plain learn2learn loop (README, Performance). The ``gather`` differentiates as max-pool does (the
+    gradient goes to each window's first maximum). Elsewhere (CUDA, inside ``torch.func`` transforms) torch's
+    own max-pool is used.
     """
 
     def __init__(self, size: int) -> None:
