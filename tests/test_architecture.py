@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import learn2learn as l2l
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -165,8 +166,6 @@ def test_cnn4_pools_then_rectifies_with_learn2learns_values_and_maml_meta_gradie
     labels = torch.arange(5)
 
     def meta_gradient(network: nn.Module) -> list[Tensor]:
-        import learn2learn as l2l
-
         learner = l2l.algorithms.MAML(network, lr=0.4).clone()
         learner.adapt(F.cross_entropy(learner(support), labels))
         return torch.autograd.grad(F.cross_entropy(learner(query.double()), labels.repeat(4)),
